@@ -1,0 +1,150 @@
+"""Masked cross-attention: the one implementation used by the ComfyUI patch and by the training processors.
+
+Queries are the flattened ``h×w`` positions of a feature map (row-major, as both ComfyUI and diffusers flatten
+them); keys are the stacked context ``[text; identity 1; …; identity N]`` described by a :class:`SlotLayout`.
+Text keys are visible from every query. Identity n's keys are visible only from queries inside mask n.
+
+Two modes:
+
+``additive`` (default)
+    A float bias is added to the logits: ``0`` for text, ``log(w_n · m_n)`` inside mask n and a large negative
+    number outside (``w_n`` the identity's weight, ``m_n ∈ [0, 1]`` the mask at that position). Leak-free: an
+    identity contributes exactly nothing outside its mask. The bias is a float tensor (ComfyUI's CPU backend adds
+    the mask and breaks on bool masks) handed to whatever attention kernel the caller uses.
+``paper``
+    The paper's literal Eq. 6: ``softmax((M ⊙ QKᵀ) / √d) V`` with ``M`` = 1 on text keys and ``w_n · m_n`` on
+    identity n's keys. Masked logits become 0, not −∞, so identities still get weight ``exp(0)`` outside their
+    masks — as printed. Computed here with explicit math (no fused kernel can express it).
+
+A bias is built once per (feature size, key length, dtype, device) and cached on the object.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import IdentityCountError, MaskError
+from .masks import resize_masks, validate_masks
+from .stack import SlotLayout
+
+MODES = ("additive", "paper")
+
+AttentionFn = Callable[..., torch.Tensor]
+"""``fn(q, k, v, heads, mask=None) -> out``; q ``(B, Nq, heads·d)``, k/v ``(B, Nk, heads·d)``, mask additive
+float broadcastable to ``(B, heads, Nq, Nk)``; returns ``(B, Nq, heads·d)``."""
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def sdpa_attention(q, k, v, heads: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain multi-head attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    if mask is not None:
+        mask = mask.to(q.dtype)
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0)
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
+                                         attn_mask=mask)
+    return _merge_heads(out)
+
+
+def paper_attention(q, k, v, heads: int, multiplier: torch.Tensor) -> torch.Tensor:
+    """``softmax((M ⊙ QKᵀ) / √d) V`` with ``M`` = ``multiplier`` broadcast over batch and heads."""
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    logits = torch.matmul(qh, kh.transpose(-1, -2)) * multiplier.to(q.dtype) / math.sqrt(qh.shape[-1])
+    weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    return _merge_heads(torch.matmul(weights, vh))
+
+
+class MaskedCrossAttention:
+    """Masked cross-attention over ``[text; identities]`` for one set of masks and weights.
+
+    ``masks``: ``(N, H, W)`` float in [0, 1] at image (or any) resolution, one per identity, in slot order.
+    ``weights``: N per-identity weights ≥ 0 (global weight already multiplied in), default all 1.
+    ``tokens_per_identity``: T, the number of tokens each identity contributes (L² + 1).
+    """
+
+    def __init__(self, masks: torch.Tensor, tokens_per_identity: int, weights: Optional[Sequence[float]] = None,
+                 mode: str = "additive"):
+        if mode not in MODES:
+            raise MaskError(f"mask mode: expected one of {MODES}, got {mode!r}")
+        self.masks = validate_masks(masks)
+        n = self.masks.shape[0]
+        w = torch.ones(n) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+        if w.shape != (n,):
+            raise IdentityCountError(f"identity weights: expected {n} weights (one per identity), got {tuple(w.shape)}")
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise IdentityCountError(f"identity weights: expected finite values ≥ 0, got {w.tolist()}")
+        self.weights = w
+        self.tokens_per_identity = int(tokens_per_identity)
+        self.mode = mode
+        self._cache: dict = {}
+
+    @property
+    def num_identities(self) -> int:
+        return int(self.masks.shape[0])
+
+    def layout(self, key_length: int) -> SlotLayout:
+        return SlotLayout.for_key_length(key_length, self.tokens_per_identity, self.num_identities)
+
+    def _region_values(self, feature_hw: tuple[int, int]) -> torch.Tensor:
+        """``(Nq, N)``: w_n · m_n at each query position."""
+        small = resize_masks(self.masks, feature_hw)
+        return small.flatten(1).t() * self.weights
+
+    def bias(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype,
+             device: torch.device) -> Optional[torch.Tensor]:
+        """Additive bias ``(Nq, Nk)``, or ``None`` when it would be all zeros (no identities, or full masks at
+        weight 1) so the caller runs the unmasked kernel."""
+        key = ("additive", tuple(feature_hw), key_length, dtype, torch.device(device))
+        if key not in self._cache:
+            layout = self.layout(key_length)
+            values = self._region_values(feature_hw)
+            if layout.num_identities == 0 or bool((values == 1).all()):
+                self._cache[key] = None
+            else:
+                floor = torch.finfo(dtype).min / 2
+                per_identity = torch.where(values > 0, values.clamp_min(1e-30).log(), torch.full_like(values, floor))
+                per_identity = per_identity.clamp_min(floor)
+                bias = torch.zeros(values.shape[0], key_length)
+                owner = layout.key_owner()
+                ids = owner >= 0
+                bias[:, ids] = per_identity[:, owner[ids]]
+                self._cache[key] = bias.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def multiplier(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """The paper's ``M`` ``(Nq, Nk)``: 1 on text keys, w_n · m_n on identity n's keys."""
+        key = ("paper", tuple(feature_hw), key_length, dtype, torch.device(device))
+        if key not in self._cache:
+            layout = self.layout(key_length)
+            values = self._region_values(feature_hw)
+            m = torch.ones(values.shape[0], key_length)
+            owner = layout.key_owner()
+            ids = owner >= 0
+            m[:, ids] = values[:, owner[ids]]
+            self._cache[key] = m.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                 feature_hw: tuple[int, int], attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+        """Attention of ``q`` over the stacked ``k``/``v``; ``feature_hw`` is the query feature map's (h, w)."""
+        h, w = int(feature_hw[0]), int(feature_hw[1])
+        if h * w != q.shape[1]:
+            raise MaskError(f"feature size: {h}×{w} = {h * w} positions but the queries have {q.shape[1]}")
+        if self.mode == "paper" and self.num_identities:
+            return paper_attention(q, k, v, heads, self.multiplier((h, w), k.shape[1], q.dtype, q.device))
+        bias = self.bias((h, w), k.shape[1], q.dtype, q.device)
+        return attention_fn(q, k, v, heads, mask=bias)

@@ -1,0 +1,75 @@
+"""One identity's face features: the global embedding and the local feature map.
+
+This is the value that flows from face analysis (``faces``) to the projector (``projector``), between ComfyUI nodes
+(the ``INSTANTFAMILY_IDENTITY`` type) and into the training shards. It validates itself on construction so that a
+NaN or all-zero embedding fails where it was made, not ten layers later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import EmbeddingError
+
+
+def _check_finite_nonzero(name: str, what: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise EmbeddingError(f"{name}: the {what} contains NaN or infinite values; re-encode the reference image(s)")
+    if float(t.abs().max()) == 0.0:
+        raise EmbeddingError(f"{name}: the {what} is all zeros; expected features of a detected face")
+
+
+@dataclass(frozen=True)
+class IdentityFeatures:
+    """Features of one person.
+
+    ``global_embedding``: shape ``(D_g,)``, L2-normalised (512 for insightface ArcFace packs).
+    ``local_map``: shape ``(D_l, L, L)``, the recognizer's last spatial feature map (512×7×7 for IResNet packs).
+    ``name``: a label used in messages and previews. ``num_images``: how many reference images were averaged.
+    """
+
+    global_embedding: torch.Tensor
+    local_map: torch.Tensor
+    name: str = "identity"
+    num_images: int = 1
+    face_pack: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        g, loc = self.global_embedding, self.local_map
+        if not isinstance(g, torch.Tensor) or g.ndim != 1:
+            raise EmbeddingError(f"{self.name}: global embedding must be a 1-D tensor, got "
+                                 f"{tuple(getattr(g, 'shape', ()))}")
+        if not isinstance(loc, torch.Tensor) or loc.ndim != 3 or loc.shape[1] != loc.shape[2]:
+            raise EmbeddingError(f"{self.name}: local feature map must be a (C, L, L) tensor, got "
+                                 f"{tuple(getattr(loc, 'shape', ()))}")
+        _check_finite_nonzero(self.name, "global embedding", g)
+        _check_finite_nonzero(self.name, "local feature map", loc)
+
+    @property
+    def grid(self) -> int:
+        """L, the side of the local feature map."""
+        return int(self.local_map.shape[-1])
+
+    @staticmethod
+    def average(items: Sequence["IdentityFeatures"], name: str | None = None) -> "IdentityFeatures":
+        """Average several encodings of one person: mean of the maps, mean of the globals re-normalised."""
+        if not items:
+            raise EmbeddingError(f"{name or 'identity'}: no encodings to average; give at least one reference image")
+        shapes = {(tuple(i.global_embedding.shape), tuple(i.local_map.shape)) for i in items}
+        if len(shapes) != 1:
+            raise EmbeddingError(f"{name or items[0].name}: encodings have different shapes {sorted(shapes)}; "
+                                 "were they made with different face packs?")
+        weights = torch.tensor([float(i.num_images) for i in items])
+        w = (weights / weights.sum()).float()
+        g = sum(wi * i.global_embedding.float() for wi, i in zip(w, items))
+        norm = g.norm()
+        if not torch.isfinite(norm) or float(norm) == 0.0:
+            raise EmbeddingError(f"{name or items[0].name}: the averaged global embedding is zero "
+                                 "(opposite embeddings cancel); check the reference images are the same person")
+        loc = sum(wi * i.local_map.float() for wi, i in zip(w, items))
+        return IdentityFeatures(g / norm, loc, name=name or items[0].name, num_images=int(weights.sum()),
+                                face_pack=items[0].face_pack)

@@ -1,0 +1,101 @@
+"""Drawing: the OpenPose control image with identity circles, and a preview of masks and slots.
+
+The skeleton follows the standard OpenPose/ControlNet rendering (18 COCO points, 17 limbs drawn as filled
+ellipses of half-width 4 at 60 % of the limb colour, joints as radius-4 discs) so the usual OpenPose ControlNet
+reads it. On top, each identity slot gets a filled circle at its face centre in :func:`slot_color` — the paper's
+"coloured circles" telling the model which identity goes where. The palette and radius are part of the
+checkpoint contract: training and inference both draw through this module.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+
+import numpy as np
+
+from .pose import PoseFrame, SlotAssignment
+
+LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+         (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)]
+JOINT_COLORS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+                (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+                (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
+STICK_WIDTH = 4
+
+# Slot colours (RGB). Chosen away from the skeleton's fully saturated hues; slot n ≥ 8 continues on a
+# golden-ratio hue walk at lower saturation so any number of slots gets distinct, deterministic colours.
+SLOT_PALETTE = [(255, 255, 255), (128, 128, 128), (255, 128, 128), (128, 128, 255), (128, 255, 128),
+                (255, 224, 128), (224, 128, 255), (128, 224, 224)]
+CIRCLE_RADIUS_FRACTION = 0.2  # circle radius = this × the shorter side of the face box (before margin), ≥ 3 px
+
+
+def slot_color(n: int) -> tuple[int, int, int]:
+    if n < len(SLOT_PALETTE):
+        return SLOT_PALETTE[n]
+    h = (0.13 + 0.618033988749895 * (n - len(SLOT_PALETTE))) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.45, 0.9)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _cv2():
+    import cv2  # opencv comes with insightface; imported lazily to keep the core importable without it
+    return cv2
+
+
+def draw_skeletons(frame: PoseFrame) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB image of every person's body skeleton on black."""
+    cv2 = _cv2()
+    canvas = np.zeros((frame.height, frame.width, 3), dtype=np.uint8)
+    for person in frame.people:
+        b = person.body
+        for i, (a, c) in enumerate(LIMBS):
+            if b[a, 2] <= 0 or b[c, 2] <= 0:
+                continue
+            (x0, y0), (x1, y1) = b[a, :2], b[c, :2]
+            length = math.hypot(x1 - x0, y1 - y0)
+            angle = math.degrees(math.atan2(y1 - y0, x1 - x0))
+            poly = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), STICK_WIDTH),
+                                    int(angle), 0, 360, 1)
+            cv2.fillConvexPoly(canvas, poly, [int(v * 0.6) for v in JOINT_COLORS[i]])
+        for i in range(18):
+            if b[i, 2] > 0:
+                cv2.circle(canvas, (int(b[i, 0]), int(b[i, 1])), 4, JOINT_COLORS[i], thickness=-1)
+    return canvas
+
+
+def circle_radius(face_box) -> int:
+    x1, y1, x2, y2 = face_box
+    return max(3, int(round(CIRCLE_RADIUS_FRACTION * min(x2 - x1, y2 - y1))))
+
+
+def draw_control_image(slots: SlotAssignment) -> np.ndarray:
+    """The control image: skeletons plus one filled circle per identity slot at its face centre."""
+    cv2 = _cv2()
+    canvas = draw_skeletons(slots.frame)
+    for n, (box, (cx, cy)) in enumerate(zip(slots.face_boxes, slots.centres())):
+        cv2.circle(canvas, (int(round(cx)), int(round(cy))), circle_radius(box), slot_color(n), thickness=-1)
+    return canvas
+
+
+def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.ndarray:
+    """A person-readable check of the assignment: masks tinted in their slot colour over the control image,
+    mask outlines and the slot number at each face."""
+    cv2 = _cv2()
+    img = control.astype(np.float32)
+    m = slots.masks() if masks is None else masks
+    m = np.asarray(m, dtype=np.float32)
+    for n in range(m.shape[0]):
+        color = np.array(slot_color(n), dtype=np.float32)
+        a = 0.45 * m[n][..., None]
+        img = img * (1 - a) + color * a
+    out = np.clip(img, 0, 255).astype(np.uint8)
+    scale = max(0.4, min(slots.frame.width, slots.frame.height) / 512)
+    for n, (x1, y1, x2, y2) in enumerate(slots.mask_boxes):
+        color = slot_color(n)
+        cv2.rectangle(out, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)), color, 1)
+        label = str(n + 1)
+        org = (int(x1) + 2, int(y1) + int(18 * scale))
+        cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color, 1, cv2.LINE_AA)
+    return out

@@ -1,0 +1,176 @@
+"""Pose parsing, face boxes, slot assignment and mask geometry."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from instantfamily_core.errors import FaceKeypointsError, IdentityCountError, MaskError, PoseError
+from instantfamily_core.masks import boxes_to_masks, feature_size_for, resize_masks, validate_masks
+from instantfamily_core.pose import assign_slots, expand_box, face_box, parse_order, parse_pose
+from support.poses import frame, person
+
+
+def test_body_only_face_box_follows_eyes_and_ears():
+    f = parse_pose(frame([person(100, 120, s=30)]))
+    x1, y1, x2, y2 = face_box(f.people[0])
+    # half = max(3·|nose-eye|∞, 1.5·|nose-ear|∞) = max(3·10, 1.5·20) = 30
+    assert (x1, y1, x2, y2) == pytest.approx((70, 90, 130, 150))
+
+
+def test_face_points_take_priority_with_forehead_extension():
+    face = []
+    for x, y in [(90, 110), (110, 110), (100, 130)] + [(0, 0)] * 67:
+        face += [x, y, 1.0 if x else 0.0]
+    f = parse_pose(frame([person(300, 300, face=face)]))
+    assert face_box(f.people[0]) == pytest.approx((90, 110 - 0.35 * 20, 110, 130))
+
+
+def test_normalised_and_pixel_coordinates_give_the_same_boxes():
+    px = frame([person(200, 100, s=24)], w=640, h=480)
+    body = np.array(px[0]["people"][0]["pose_keypoints_2d"]).reshape(18, 3)
+    body[:, 0] /= 640
+    body[:, 1] /= 480
+    norm = frame([{"pose_keypoints_2d": body.reshape(-1).tolist()}], w=640, h=480)
+    a = face_box(parse_pose(px).people[0])
+    b = face_box(parse_pose(norm).people[0])
+    assert a == pytest.approx(b)
+
+
+def test_normalised_points_slightly_outside_the_frame_are_still_normalised():
+    body = np.zeros((18, 3))
+    body[0] = (1.03, 0.5, 1)
+    body[14] = (0.99, 0.48, 1)
+    f = parse_pose(frame([{"pose_keypoints_2d": body.reshape(-1).tolist()}], w=100, h=200))
+    assert f.people[0].body[0, :2] == pytest.approx((103, 100))
+
+
+def test_missing_keypoints_confidence_zero_are_ignored():
+    p = person(100, 100, s=30)
+    body = np.array(p["pose_keypoints_2d"]).reshape(18, 3)
+    body[[14, 15], 2] = 0  # eyes missing → ears decide: 1.5 · 20
+    p["pose_keypoints_2d"] = body.reshape(-1).tolist()
+    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx((70, 70, 130, 130))
+    body[[16, 17], 2] = 0  # only nose + neck: 0.6 · 60
+    p["pose_keypoints_2d"] = body.reshape(-1).tolist()
+    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx((64, 64, 136, 136))
+    body[[0, 1], 2] = 0
+    p["pose_keypoints_2d"] = body.reshape(-1).tolist()
+    assert face_box(parse_pose(frame([p, person(300, 300)])).people[0]) is None
+
+
+def test_slots_left_to_right_and_explicit_order():
+    f = parse_pose(frame([person(400, 100), person(100, 100), person(250, 300)]))
+    assert assign_slots(f, 3).person_of_slot == (1, 2, 0)
+    assert assign_slots(f, 2).person_of_slot == (1, 2)
+    assert assign_slots(f, 2, order=[0, 1]).person_of_slot == (0, 1)
+
+
+def test_margin_scales_the_box_and_masks_cover_it():
+    f = parse_pose(frame([person(100, 120, s=30)]))
+    slots = assign_slots(f, 1, margin=0.25)
+    assert slots.mask_boxes[0] == pytest.approx((62.5, 82.5, 137.5, 157.5))
+    m = slots.masks()
+    assert m.shape == (1, 512, 512)
+    assert m[0, 120, 100] == 1 and m[0, 120, 60] == 0 and m[0, 120, 63] == 1
+
+
+def test_faces_at_the_edge_are_clipped_but_not_empty_and_off_canvas_is_empty():
+    f = parse_pose(frame([person(2, 2, s=30), person(500, 500, s=30)]))
+    slots = assign_slots(f, 2)
+    for x1, y1, x2, y2 in slots.mask_boxes:
+        assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
+    assert (slots.masks().flatten(1).sum(1) > 0).all()
+    assert boxes_to_masks([(600, 600, 700, 700)], 512, 512).sum() == 0
+    thin = boxes_to_masks([(10.2, 10.2, 10.4, 10.4)], 32, 32)
+    assert thin.sum() == 1
+
+
+def test_overlapping_faces_get_overlapping_masks():
+    f = parse_pose(frame([person(100, 100, s=30), person(130, 100, s=30)]))
+    m = assign_slots(f, 2).masks()
+    assert ((m[0] > 0) & (m[1] > 0)).any()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_one_to_sixteen_people_on_non_square_canvases(n):
+    w, h = 1024, 384
+    people = [person(40 + i * 60, 100 + (i % 3) * 80, s=12) for i in range(n)]
+    slots = assign_slots(parse_pose(frame(people, w=w, h=h)), n)
+    xs = [c[0] for c in slots.centres()]
+    assert xs == sorted(xs)
+    m = slots.masks()
+    assert m.shape == (n, h, w) and (m.flatten(1).sum(1) > 0).all()
+    small = resize_masks(m, (h // 8, w // 8))
+    assert small.shape == (n, 48, 128) and (small.flatten(1).sum(1) > 0).all()
+
+
+def test_resize_to_rounded_up_feature_sizes_never_loses_a_face():
+    m = torch.zeros(1, 96, 64)
+    m[0, 10:14, 50:54] = 1
+    for size in [(12, 8), (6, 4), (3, 2), (2, 1), (1, 1)]:
+        r = resize_masks(m, size)
+        assert r.shape == (1, *size) and r.sum() > 0
+
+
+def test_feature_size_for_follows_unet_rounding():
+    assert feature_size_for(96, (12, 8)) == (12, 8)
+    assert feature_size_for(6, (12, 8)) == (3, 2)
+    assert feature_size_for(2, (12, 8)) == (2, 1)
+    with pytest.raises(MaskError):
+        feature_size_for(7, (12, 8))
+
+
+def test_bad_pose_inputs():
+    with pytest.raises(PoseError, match="non-empty list"):
+        parse_pose([])
+    with pytest.raises(PoseError, match="no people"):
+        parse_pose(frame([]))
+    with pytest.raises(PoseError, match="canvas_width"):
+        parse_pose([{"people": [person(1, 1)]}])
+    with pytest.raises(PoseError, match="triples"):
+        parse_pose(frame([{"pose_keypoints_2d": [1, 2]}]))
+    with pytest.raises(PoseError, match="expected 18"):
+        parse_pose(frame([{"pose_keypoints_2d": [1, 2, 1] * 10}]))
+    with pytest.raises(PoseError, match="empty"):
+        parse_pose(frame([{"pose_keypoints_2d": [0, 0, 0] * 18}]))
+    with pytest.raises(PoseError, match="JSON"):
+        parse_pose("{nope")
+    f = parse_pose(json.dumps(frame([person(100, 100), person(300, 100)])))
+    with pytest.raises(IdentityCountError, match="only 2 people"):
+        assign_slots(f, 3)
+    with pytest.raises(IdentityCountError, match="does not exist"):
+        assign_slots(f, 1, order=[5])
+    with pytest.raises(IdentityCountError, match="repeat"):
+        assign_slots(f, 2, order=[0, 0])
+    with pytest.raises(IdentityCountError, match="1,0,2"):
+        parse_order("a,b")
+    assert parse_order(" 1, 0 ") == [1, 0] and parse_order("auto") is None
+
+
+def test_person_without_face_keypoints_cannot_hold_an_identity():
+    headless = {"pose_keypoints_2d": ([0, 0, 0] + [200, 300, 1] + [0, 0, 0] * 16)}
+    f = parse_pose(frame([person(100, 100), headless]))
+    assert assign_slots(f, 1).person_of_slot == (0,)
+    with pytest.raises(FaceKeypointsError, match=r"persons \[1\]"):
+        assign_slots(f, 2)
+    with pytest.raises(FaceKeypointsError, match="person 1"):
+        assign_slots(f, 1, order=[1])
+
+
+def test_body25_maps_to_coco18():
+    b25 = np.zeros((25, 3))
+    b25[0] = (50, 50, 1)
+    b25[15] = (45, 48, 1)  # BODY_25 R-eye
+    f = parse_pose(frame([{"pose_keypoints_2d": b25.reshape(-1).tolist()}], w=100, h=100))
+    assert f.people[0].body[14, :2] == pytest.approx((45, 48))
+
+
+def test_mask_validation():
+    with pytest.raises(MaskError, match="3 identities"):
+        validate_masks(torch.zeros(2, 8, 8), expected_count=3)
+    with pytest.raises(MaskError, match="shape"):
+        validate_masks(torch.zeros(2, 2, 8, 8))
+    assert validate_masks(torch.ones(8, 8)).shape == (1, 8, 8)
+    assert expand_box((10, 10, 20, 20), 0.0, 100, 100) == (10, 10, 20, 20)
