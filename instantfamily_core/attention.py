@@ -52,16 +52,20 @@ def sdpa_attention(q, k, v, heads: int, mask: Optional[torch.Tensor] = None) -> 
     """Plain multi-head attention through ``torch.nn.functional.scaled_dot_product_attention``."""
     if mask is not None:
         mask = mask.to(q.dtype)
-        while mask.ndim < 4:
+        if mask.ndim == 2:
             mask = mask.unsqueeze(0)
+        if mask.ndim == 3:  # (B, Nq, Nk) → one mask per row, shared by the heads
+            mask = mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
                                          attn_mask=mask)
     return _merge_heads(out)
 
 
 def paper_attention(q, k, v, heads: int, multiplier: torch.Tensor) -> torch.Tensor:
-    """``softmax((M ⊙ QKᵀ) / √d) V`` with ``M`` = ``multiplier`` broadcast over batch and heads."""
+    """``softmax((M ⊙ QKᵀ) / √d) V``; ``M`` ``(Nq, Nk)`` or ``(B, Nq, Nk)`` is broadcast over heads."""
     qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    if multiplier.ndim == 3:
+        multiplier = multiplier.unsqueeze(1)
     logits = torch.matmul(qh, kh.transpose(-1, -2)) * multiplier.to(q.dtype) / math.sqrt(qh.shape[-1])
     weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
     return _merge_heads(torch.matmul(weights, vh))
@@ -70,7 +74,9 @@ def paper_attention(q, k, v, heads: int, multiplier: torch.Tensor) -> torch.Tens
 class MaskedCrossAttention:
     """Masked cross-attention over ``[text; identities]`` for one set of masks and weights.
 
-    ``masks``: ``(N, H, W)`` float in [0, 1] at image (or any) resolution, one per identity, in slot order.
+    ``masks``: ``(N, H, W)`` float in [0, 1] at image (or any) resolution, one per identity, in slot order,
+    shared by every batch row; or ``(B, N, H, W)`` for one set per row (training batches; an all-zero mask makes
+    a padding slot that no query sees).
     ``weights``: N per-identity weights ≥ 0 (global weight already multiplied in), default all 1.
     ``tokens_per_identity``: T, the number of tokens each identity contributes (L² + 1).
     """
@@ -80,7 +86,7 @@ class MaskedCrossAttention:
         if mode not in MODES:
             raise MaskError(f"mask mode: expected one of {MODES}, got {mode!r}")
         self.masks = validate_masks(masks)
-        n = self.masks.shape[0]
+        n = self.masks.shape[-3]
         w = torch.ones(n) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
         if w.shape != (n,):
             raise IdentityCountError(f"identity weights: expected {n} weights (one per identity), got {tuple(w.shape)}")
@@ -93,19 +99,19 @@ class MaskedCrossAttention:
 
     @property
     def num_identities(self) -> int:
-        return int(self.masks.shape[0])
+        return int(self.masks.shape[-3])
 
     def layout(self, key_length: int) -> SlotLayout:
         return SlotLayout.for_key_length(key_length, self.tokens_per_identity, self.num_identities)
 
     def _region_values(self, feature_hw: tuple[int, int]) -> torch.Tensor:
-        """``(Nq, N)``: w_n · m_n at each query position."""
+        """``(Nq, N)`` (or ``(B, Nq, N)``): w_n · m_n at each query position."""
         small = resize_masks(self.masks, feature_hw)
-        return small.flatten(1).t() * self.weights
+        return small.flatten(-2).transpose(-1, -2) * self.weights
 
     def bias(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype,
              device: torch.device) -> Optional[torch.Tensor]:
-        """Additive bias ``(Nq, Nk)``, or ``None`` when it would be all zeros (no identities, or full masks at
+        """Additive bias ``(Nq, Nk)`` (``(B, Nq, Nk)`` for per-row masks), or ``None`` when it would be all zeros (no identities, or full masks at
         weight 1) so the caller runs the unmasked kernel."""
         key = ("additive", tuple(feature_hw), key_length, dtype, torch.device(device))
         if key not in self._cache:
@@ -117,10 +123,10 @@ class MaskedCrossAttention:
                 floor = torch.finfo(dtype).min / 2
                 per_identity = torch.where(values > 0, values.clamp_min(1e-30).log(), torch.full_like(values, floor))
                 per_identity = per_identity.clamp_min(floor)
-                bias = torch.zeros(values.shape[0], key_length)
+                bias = torch.zeros(*values.shape[:-1], key_length)
                 owner = layout.key_owner()
                 ids = owner >= 0
-                bias[:, ids] = per_identity[:, owner[ids]]
+                bias[..., ids] = per_identity[..., owner[ids]]
                 self._cache[key] = bias.to(device=device, dtype=dtype)
         return self._cache[key]
 
@@ -131,10 +137,10 @@ class MaskedCrossAttention:
         if key not in self._cache:
             layout = self.layout(key_length)
             values = self._region_values(feature_hw)
-            m = torch.ones(values.shape[0], key_length)
+            m = torch.ones(*values.shape[:-1], key_length)
             owner = layout.key_owner()
             ids = owner >= 0
-            m[:, ids] = values[:, owner[ids]]
+            m[..., ids] = values[..., owner[ids]]
             self._cache[key] = m.to(device=device, dtype=dtype)
         return self._cache[key]
 

@@ -12,15 +12,16 @@ from .errors import MaskError
 
 
 def validate_masks(masks, expected_count: int | None = None, name: str = "masks") -> torch.Tensor:
-    """Return ``masks`` as a float32 ``(N, H, W)`` tensor in [0, 1] or raise :class:`MaskError`."""
+    """Return ``masks`` as float32 ``(N, H, W)`` (or per-sample ``(B, N, H, W)``) in [0, 1], else raise
+    :class:`MaskError`."""
     if not isinstance(masks, torch.Tensor):
         raise MaskError(f"{name}: expected a (N, H, W) tensor, got {type(masks).__name__}")
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
-    if masks.ndim != 3 or masks.shape[1] < 1 or masks.shape[2] < 1:
-        raise MaskError(f"{name}: expected shape (N, H, W), got {tuple(masks.shape)}")
-    if expected_count is not None and masks.shape[0] != expected_count:
-        raise MaskError(f"{name}: got {masks.shape[0]} masks but there are {expected_count} identities; "
+    if masks.ndim not in (3, 4) or masks.shape[-2] < 1 or masks.shape[-1] < 1:
+        raise MaskError(f"{name}: expected shape (N, H, W) or (batch, N, H, W), got {tuple(masks.shape)}")
+    if expected_count is not None and masks.shape[-3] != expected_count:
+        raise MaskError(f"{name}: got {masks.shape[-3]} masks but there are {expected_count} identities; "
                         "give exactly one mask per identity, in slot order")
     masks = masks.detach().float().cpu()
     if masks.numel() and (not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1):
@@ -55,7 +56,7 @@ def _pixel_span(a: float, b: float, size: int) -> tuple[int, int]:
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(N, H, W)`` masks to ``size = (h, w)``, the *actual* feature-map size.
+    """Resize ``(…, H, W)`` masks to ``size = (h, w)``, the *actual* feature-map size.
 
     Each output cell takes the maximum over the image pixels it covers (adaptive max pooling), so a face never
     vanishes at coarse resolutions and the result does not depend on how strided convolutions rounded the size.
@@ -65,9 +66,11 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise MaskError(f"feature size: expected positive (h, w), got {size}")
     if masks.shape[-2:] == (h, w):
         return masks
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, h, w))
-    return F.adaptive_max_pool2d(masks.unsqueeze(1), (h, w)).squeeze(1)
+    lead = masks.shape[:-2]
+    if masks.numel() == 0:
+        return masks.new_zeros((*lead, h, w))
+    flat = masks.reshape(-1, 1, *masks.shape[-2:])
+    return F.adaptive_max_pool2d(flat, (h, w)).reshape(*lead, h, w)
 
 
 def feature_size_for(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -198,3 +198,28 @@ def test_bad_inputs_raise_typed_errors():
         attn(q, k[:, :2 * T], v[:, :2 * T], HEADS, (4, 6))
     with pytest.raises(MaskError, match=r"\[0, 1\]"):
         MaskedCrossAttention(_masks() * 2, T)
+
+
+def test_per_row_masks_and_padding_slots():
+    masks = torch.zeros(2, 2, 4, 6)
+    masks[0, 0, :, :3] = 1  # row 0: identity 0 on the left, slot 1 is padding
+    masks[1, 0, :, 3:] = 1  # row 1: identity 0 on the right
+    masks[1, 1, 2:, :] = 1  # row 1: identity 1 at the bottom
+    q, k, v = _qkv(2)
+    layout = SlotLayout.for_key_length(k.shape[1], T, 2)
+    for mode in ("additive", "paper"):
+        attn = MaskedCrossAttention(masks, T, mode=mode)
+        base = attn(q, k, v, HEADS, (4, 6))
+        v2 = v.clone()
+        v2[:, layout.identity_slice(0)] += 2.0
+        changed = (attn(q, k, v2, HEADS, (4, 6)) - base).abs().amax(dim=2) > 0
+        if mode == "additive":
+            assert torch.equal(changed, masks[:, 0].flatten(1) > 0)
+        else:
+            assert changed.all()  # the literal equation leaks everywhere
+    attn = MaskedCrossAttention(masks, T)
+    base = attn(q, k, v, HEADS, (4, 6))
+    v3 = v.clone()
+    v3[0, layout.identity_slice(1)] += 9.0  # padding slot of row 0: nobody sees it
+    assert torch.equal(attn(q, k, v3, HEADS, (4, 6))[0], base[0])
+    assert attn.bias((4, 6), k.shape[1], torch.float32, torch.device("cpu")).shape == (2, 24, k.shape[1])
