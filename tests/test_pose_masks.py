@@ -171,6 +171,6 @@ def test_mask_validation():
     with pytest.raises(MaskError, match="3 identities"):
         validate_masks(torch.zeros(2, 8, 8), expected_count=3)
     with pytest.raises(MaskError, match="shape"):
-        validate_masks(torch.zeros(2, 2, 8, 8))
+        validate_masks(torch.zeros(2, 2, 2, 8, 8))
     assert validate_masks(torch.ones(8, 8)).shape == (1, 8, 8)
     assert expand_box((10, 10, 20, 20), 0.0, 100, 100) == (10, 10, 20, 20)
