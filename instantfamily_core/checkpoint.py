@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch
 
 from .attention import MODES
 from .errors import CheckpointError
+from .fileio import save_safetensors_atomic
 from .projector import IdentityProjector, ProjectorConfig
 
 FORMAT = "instantfamily"
@@ -67,21 +67,6 @@ class InstantFamilyCheckpoint:
     controlnet: dict[str, torch.Tensor]
 
 
-def _atomic_save(tensors: dict, metadata: dict, path: str) -> None:
-    from safetensors.torch import save_file
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(path: str, projector: IdentityProjector, controlnet: dict[str, torch.Tensor],
                     meta: CheckpointMeta) -> None:
     """Write the checkpoint atomically (a temp file in the same folder, then ``os.replace``)."""
@@ -92,7 +77,7 @@ def save_checkpoint(path: str, projector: IdentityProjector, controlnet: dict[st
         raise CheckpointError("checkpoint: the ControlNet state dict is empty")
     tensors = {f"projector.{k}": v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
     tensors.update({f"controlnet.{k}": v.detach().contiguous().cpu() for k, v in controlnet.items()})
-    _atomic_save(tensors, meta.to_strings(), path)
+    save_safetensors_atomic(tensors, path, meta.to_strings())
 
 
 def _parse_meta(md: dict, name: str) -> CheckpointMeta:

@@ -73,3 +73,44 @@ class IdentityFeatures:
         loc = sum(wi * i.local_map.float() for wi, i in zip(w, items))
         return IdentityFeatures(g / norm, loc, name=name or items[0].name, num_images=int(weights.sum()),
                                 face_pack=items[0].face_pack)
+
+
+IDENTITY_FILE_FORMAT = "instantfamily-identities"
+
+
+def save_identities(path: str, identities: Sequence[IdentityFeatures]) -> None:
+    """Write encoded identities to one ``.safetensors`` file (atomically) so they need not be re-encoded."""
+    import json
+
+    from .fileio import save_safetensors_atomic
+    if not identities:
+        raise EmbeddingError("identities: nothing to save; encode at least one identity")
+    tensors, info = {}, []
+    for i, ident in enumerate(identities):
+        tensors[f"identity.{i}.global"] = ident.global_embedding.detach().float().contiguous().cpu()
+        tensors[f"identity.{i}.local"] = ident.local_map.detach().float().contiguous().cpu()
+        info.append({"name": ident.name, "num_images": ident.num_images, "face_pack": ident.face_pack})
+    save_safetensors_atomic(tensors, path, {"format": IDENTITY_FILE_FORMAT, "identities": json.dumps(info)})
+
+
+def load_identities(path: str) -> list[IdentityFeatures]:
+    """Read a file written by :func:`save_identities`, validating every identity."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != IDENTITY_FILE_FORMAT:
+                raise EmbeddingError(f"{name}: not an InstantFamily identities file (format "
+                                     f"{md.get('format')!r})")
+            info = json.loads(md["identities"])
+            return [IdentityFeatures(f.get_tensor(f"identity.{i}.global"), f.get_tensor(f"identity.{i}.local"),
+                                     name=d["name"], num_images=int(d["num_images"]), face_pack=d["face_pack"])
+                    for i, d in enumerate(info)]
+    except EmbeddingError:
+        raise
+    except Exception as e:  # missing file, corrupt header, missing tensor
+        raise EmbeddingError(f"{name}: cannot read identities ({type(e).__name__}: {e})") from None

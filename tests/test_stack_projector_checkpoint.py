@@ -159,3 +159,22 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(str(path), p, {"w": torch.zeros(1)}, _meta())
     assert path.read_bytes() == before and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_identities_file_round_trip_and_errors(tmp_path):
+    from instantfamily_core.identity import load_identities, save_identities
+    ids = [ident(0, name="ann"), ident(1, name="bob")]
+    path = str(tmp_path / "family.safetensors")
+    save_identities(path, ids)
+    back = load_identities(path)
+    assert [b.name for b in back] == ["ann", "bob"]
+    assert torch.equal(back[1].local_map, ids[1].local_map)
+    with pytest.raises(EmbeddingError, match="nothing to save"):
+        save_identities(path, [])
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(EmbeddingError, match="bad.safetensors"):
+        load_identities(str(tmp_path / "bad.safetensors"))
+    other = tmp_path / "ck.safetensors"
+    save_checkpoint(str(other), IdentityProjector(SMALL), {"w": torch.ones(1)}, _meta())
+    with pytest.raises(EmbeddingError, match="not an InstantFamily identities"):
+        load_identities(str(other))
