@@ -1,0 +1,31 @@
+"""ComfyUI adapters of InstantFamily: thin nodes that parse inputs, call the core and patch a clone."""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the core library lives beside this package; appended, so ComfyUI's own
+    sys.path.append(_ROOT)  # top-level modules (e.g. its nodes.py) always win
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from . import paths  # noqa: E402
+
+paths.register_folders()
+
+from .face_nodes import CombineIdentities, EncodeIdentity, FaceAnalysisLoader, LoadIdentities, SaveIdentities  # noqa: E402
+from .model_nodes import ApplyInstantFamily, InstantFamilyLoader  # noqa: E402
+from .pose_nodes import PoseFromImage, PoseToMasks  # noqa: E402
+
+_NODES = {
+    "InstantFamilyFaceAnalysisLoader": (FaceAnalysisLoader, "InstantFamily Face Analysis Loader"),
+    "InstantFamilyEncodeIdentity": (EncodeIdentity, "InstantFamily Encode Identity"),
+    "InstantFamilyCombineIdentities": (CombineIdentities, "InstantFamily Combine Identities"),
+    "InstantFamilySaveIdentities": (SaveIdentities, "InstantFamily Save Identities"),
+    "InstantFamilyLoadIdentities": (LoadIdentities, "InstantFamily Load Identities"),
+    "InstantFamilyPoseToMasks": (PoseToMasks, "InstantFamily Pose to Masks"),
+    "InstantFamilyPoseFromImage": (PoseFromImage, "InstantFamily Pose from Image (controlnet-aux)"),
+    "InstantFamilyLoader": (InstantFamilyLoader, "InstantFamily Loader"),
+    "ApplyInstantFamily": (ApplyInstantFamily, "Apply InstantFamily"),
+}
+NODE_CLASS_MAPPINGS = {k: v[0] for k, v in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v[1] for k, v in _NODES.items()}

@@ -1,0 +1,132 @@
+"""Face analysis loader and identity nodes (encode, combine, save, load)."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy.utils import ProgressBar
+
+from instantfamily_core.errors import EmbeddingError, NoFaceError
+from instantfamily_core.faces import PROVIDER_CHOICES, get_analyzer
+from instantfamily_core.identity import IdentityFeatures, load_identities, save_identities
+
+from . import paths
+from .convert import images_to_uint8
+
+CATEGORY = "InstantFamily"
+IDENTITIES = "INSTANTFAMILY_IDENTITIES"
+FACE_ANALYSIS = "INSTANTFAMILY_FACE_ANALYSIS"
+
+
+class FaceAnalysisLoader:
+    DESCRIPTION = ("Loads an insightface pack from models/insightface/models/<pack>/ (detector + ArcFace "
+                   "recognizer). Loaded once and reused; face analysis runs on the chosen onnxruntime provider.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (FACE_ANALYSIS,)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pack": (paths.face_packs(), {"tooltip": "folder under models/insightface/models/"}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
+            "det_size": ("INT", {"default": 640, "min": 192, "max": 1280, "step": 64}),
+        }}
+
+    def load(self, pack, provider, det_size):
+        return (get_analyzer(paths.root_for_pack(pack), pack, provider, det_size),)
+
+
+class EncodeIdentity:
+    DESCRIPTION = ("Encodes one person from one or more reference images (averaged) and appends it to the "
+                   "identity list. The order of the list is the slot order.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITIES,)
+    RETURN_NAMES = ("identities",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_analysis": (FACE_ANALYSIS,),
+            "image": ("IMAGE", {"tooltip": "one or more photos of the same person"}),
+            "name": ("STRING", {"default": "person"}),
+            "on_no_face": (["error", "skip"], {"default": "error",
+                                               "tooltip": "skip: leave this identity out when no face is found"}),
+        }, "optional": {"identities": (IDENTITIES, {"tooltip": "identities to append this one to"})}}
+
+    def encode(self, face_analysis, image, name, on_no_face, identities=None):
+        images = images_to_uint8(image, f"{name} image")
+        bar = ProgressBar(len(images))
+        encoded = []
+        for k, img in enumerate(images):
+            try:
+                one = face_analysis.encode([img], name=name, on_no_face=on_no_face)
+            except NoFaceError:
+                raise NoFaceError(f"{name}: no face found in reference image {k} of {len(images)}; use a photo "
+                                  "where the face is clearly visible, or set on_no_face to 'skip'") from None
+            if one is not None:
+                encoded.append(one)
+            bar.update(1)
+        out = list(identities or [])
+        if encoded:
+            out.append(IdentityFeatures.average(encoded, name=name))
+        return (out,)
+
+
+class CombineIdentities:
+    DESCRIPTION = "Concatenates identity lists in order (slot order = list order)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITIES,)
+    RETURN_NAMES = ("identities",)
+    FUNCTION = "combine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"identities_1": (IDENTITIES,)},
+                "optional": {f"identities_{i}": (IDENTITIES,) for i in range(2, 9)}}
+
+    def combine(self, **lists):
+        out = []
+        for i in range(1, 9):
+            out += list(lists.get(f"identities_{i}") or [])
+        return (out,)
+
+
+class SaveIdentities:
+    DESCRIPTION = "Saves encoded identities to models/instantfamily/identities/<filename>.safetensors."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"identities": (IDENTITIES,), "filename": ("STRING", {"default": "family"})}}
+
+    def save(self, identities, filename):
+        base = os.path.basename(filename.strip())
+        if not base or base in (".", ".."):
+            raise EmbeddingError(f"filename: expected a file name like 'family', got {filename!r}")
+        if not base.endswith(".safetensors"):
+            base += ".safetensors"
+        folder = folder_paths.get_folder_paths(paths.IDENTITIES)[-1]
+        path = os.path.join(folder, base)
+        save_identities(path, identities)
+        return {"ui": {"text": [path]}}
+
+
+class LoadIdentities:
+    DESCRIPTION = "Loads identities saved by 'Save Identities' (no face analysis needed)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITIES,)
+    RETURN_NAMES = ("identities",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"file": (folder_paths.get_filename_list(paths.IDENTITIES),)}}
+
+    def load(self, file):
+        return (load_identities(folder_paths.get_full_path_or_raise(paths.IDENTITIES, file)),)

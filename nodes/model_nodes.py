@@ -1,0 +1,151 @@
+"""InstantFamily checkpoint loader and the apply node."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+
+from instantfamily_core.attention import MODES, MaskedCrossAttention
+from instantfamily_core.checkpoint import CheckpointMeta, load_checkpoint
+from instantfamily_core.errors import BaseModelError, IdentityCountError
+from instantfamily_core.projector import IdentityProjector
+
+from . import paths
+from .controlnet import InstantFamilyControlNet, build_controlnet
+from .convert import parse_weights
+from .face_nodes import CATEGORY, IDENTITIES
+from .patch import InstantFamilyAttention, patch_model
+from .pose_nodes import check_masks
+
+logger = logging.getLogger(__name__)
+INSTANTFAMILY = "INSTANTFAMILY"
+
+
+@dataclass
+class InstantFamilyModel:
+    projector: IdentityProjector
+    controlnet: InstantFamilyControlNet
+    meta: CheckpointMeta
+    name: str = ""
+
+
+_LOADED: dict[tuple, InstantFamilyModel] = {}
+
+
+def load_instantfamily(path: str) -> InstantFamilyModel:
+    """Load (and cache by path + mtime + size) an InstantFamily checkpoint for ComfyUI."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        ck = load_checkpoint(path)
+        name = os.path.basename(path)
+        cn = build_controlnet(ck.controlnet, ck.meta.controlnet_layout, ck.meta.controlnet_config, name)
+        for k in [k for k in _LOADED if k[0] == key[0]]:
+            del _LOADED[k]
+        _LOADED[key] = InstantFamilyModel(ck.projector, cn, ck.meta, name)
+    return _LOADED[key]
+
+
+class InstantFamilyLoader:
+    DESCRIPTION = "Loads an InstantFamily checkpoint (projector + pose ControlNet) from models/instantfamily/."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (INSTANTFAMILY,)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"checkpoint": (folder_paths.get_filename_list(paths.CHECKPOINTS),)}}
+
+    def load(self, checkpoint):
+        return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS, checkpoint)),)
+
+
+def check_sd15(model) -> None:
+    import comfy.supported_models
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    if not isinstance(config, comfy.supported_models.SD15):
+        raise BaseModelError(f"model: InstantFamily needs a Stable Diffusion 1.5 model, got "
+                             f"{type(config).__name__ if config is not None else type(model).__name__}; load an "
+                             "SD1.5 checkpoint")
+
+
+def attach_controlnet(conditioning, controlnet: InstantFamilyControlNet, hint, strength, percent_range, cache):
+    """``conditioning`` with the InstantFamily ControlNet chained after any ControlNet it already had."""
+    out = []
+    for tokens, options in conditioning:
+        d = options.copy()
+        prev = d.get("control", None)
+        if prev not in cache:
+            c = controlnet.copy().set_cond_hint(hint, strength, percent_range)
+            c.set_previous_controlnet(prev)
+            cache[prev] = c
+        d["control"] = cache[prev]
+        d["control_apply_to_uncond"] = False
+        out.append([tokens, d])
+    return out
+
+
+class ApplyInstantFamily:
+    DESCRIPTION = ("Puts N identities into one SD1.5 generation: identity tokens are stacked after the text in "
+                   "every cross-attention of the UNet and of the InstantFamily ControlNet, each identity masked to "
+                   "its face region. Returns a patched copy of the model and the conditionings with the ControlNet.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive", "negative")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "instantfamily": (INSTANTFAMILY,),
+            "identities": (IDENTITIES,),
+            "pose_image": ("IMAGE",),
+            "masks": ("MASK",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05}),
+            "identity_weights": ("STRING", {"default": "", "tooltip": "per identity, e.g. '1.0, 0.8'; empty = 1"}),
+            "controlnet_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05}),
+            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "mask_mode": (["checkpoint"] + list(MODES), {"default": "checkpoint",
+                                                         "tooltip": "checkpoint = the mode it was trained with"}),
+        }}
+
+    def apply(self, model, instantfamily, identities, pose_image, masks, positive, negative, weight,
+              identity_weights, controlnet_strength, start_at, end_at, mask_mode):
+        check_sd15(model)
+        n = len(identities or [])
+        if n == 0:
+            raise IdentityCountError("identities: the list is empty; encode at least one identity")
+        if start_at > end_at:
+            raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
+        masks = check_masks(masks, n)
+        weights = [weight * w for w in parse_weights(identity_weights, n)]
+        packs = {i.face_pack for i in identities} - {""}
+        if packs and instantfamily.meta.face_pack and packs != {instantfamily.meta.face_pack}:
+            logger.warning("identities were encoded with %s but %s was trained with %s", sorted(packs),
+                           instantfamily.name, instantfamily.meta.face_pack)
+        with torch.no_grad():
+            tokens = instantfamily.projector.project(identities).float().cpu()
+            null = instantfamily.projector.null_tokens.detach().float().cpu()
+        mode = instantfamily.meta.mask_mode if mask_mode == "checkpoint" else mask_mode
+        attention = MaskedCrossAttention(masks, tokens.shape[1], weights, mode)
+        sampling = model.get_model_object("model_sampling")
+        sigma_range = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
+        state = InstantFamilyAttention(tokens, null, attention, sigma_range)
+        patched = patch_model(model, state)
+        if controlnet_strength == 0:
+            return (patched, positive, negative)
+        cn = instantfamily.controlnet.copy()
+        cn.instantfamily = state
+        hint = pose_image[..., :3].movedim(-1, 1)
+        cache = {}
+        return (patched,
+                attach_controlnet(positive, cn, hint, controlnet_strength, (start_at, end_at), cache),
+                attach_controlnet(negative, cn, hint, controlnet_strength, (start_at, end_at), cache))

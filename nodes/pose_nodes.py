@@ -1,0 +1,131 @@
+"""Pose → control image with slot circles, identity masks and a preview; pose templates; pose from a photo."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import folder_paths
+import torch
+
+from instantfamily_core.errors import MaskError, ModelFileError, PoseError
+from instantfamily_core.masks import resize_masks, validate_masks
+from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_order, parse_pose
+from instantfamily_core.render import draw_control_image, draw_preview
+
+from . import paths
+from .convert import images_to_uint8, uint8_to_image
+from .face_nodes import CATEGORY, IDENTITIES
+
+TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pose_templates")
+NO_TEMPLATE = "none (use pose_keypoint)"
+
+
+def template_names() -> list[str]:
+    if not os.path.isdir(TEMPLATES_DIR):
+        return []
+    return sorted(f for f in os.listdir(TEMPLATES_DIR) if f.endswith(".json"))
+
+
+def load_template(name: str):
+    path = os.path.join(TEMPLATES_DIR, os.path.basename(name))
+    if not os.path.isfile(path):
+        raise PoseError(f"template: {name!r} not found in {TEMPLATES_DIR}; choose one of {template_names()}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class PoseToMasks:
+    DESCRIPTION = ("Assigns identity slots to the people of a pose (left to right, or identity_order = person "
+                   "indices), draws the OpenPose control image with one coloured circle per slot, and makes one "
+                   "face mask per identity (face box + margin). The preview shows masks and slot numbers.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
+    RETURN_NAMES = ("pose_image", "masks", "preview")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identities": (IDENTITIES,),
+            "template": ([NO_TEMPLATE] + template_names(), {"default": NO_TEMPLATE}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "margin": ("FLOAT", {"default": DEFAULT_MARGIN, "min": 0.0, "max": 2.0, "step": 0.05}),
+            "identity_order": ("STRING", {"default": "auto",
+                                          "tooltip": "'auto' = left to right, or person indices like '2,0,1'"}),
+        }, "optional": {
+            "pose_keypoint": ("POSE_KEYPOINT", {"tooltip": "from an OpenPose/DWPose preprocessor; wins over "
+                                                           "the template"}),
+            "masks": ("MASK", {"tooltip": "one mask per identity, replaces the automatic face masks"}),
+        }}
+
+    def run(self, identities, template, width, height, margin, identity_order, pose_keypoint=None, masks=None):
+        if pose_keypoint is None:
+            if template == NO_TEMPLATE:
+                raise PoseError("pose_keypoint: connect a POSE_KEYPOINT input or choose a template")
+            pose_keypoint = load_template(template)
+        frame = parse_pose(pose_keypoint, name="pose_keypoint").scaled(width, height)
+        slots = assign_slots(frame, len(identities), parse_order(identity_order), margin)
+        if masks is not None:
+            user = validate_masks(masks, expected_count=len(identities), name="masks")
+            out_masks = resize_masks(user, (height, width))
+        else:
+            out_masks = slots.masks()
+        control = draw_control_image(slots)
+        preview = draw_preview(control, slots, out_masks)
+        return (uint8_to_image(control), out_masks, uint8_to_image(preview))
+
+
+class PoseFromImage:
+    DESCRIPTION = ("Detects OpenPose body (+face) keypoints in a photo with controlnet-aux's OpenPose detector. "
+                   "Optional: needs `pip install controlnet-aux` and the detector weights (body_pose_model.pth, "
+                   "facenet.pth, hand_pose_model.pth) in models/openpose/.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("POSE_KEYPOINT",)
+    FUNCTION = "detect"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "include_face": ("BOOLEAN", {"default": True})}}
+
+    def detect(self, image, include_face):
+        try:
+            from controlnet_aux.open_pose import OpenposeDetector
+        except Exception as e:  # ImportError, or its own import-time failures
+            raise ModelFileError("Pose from image needs the optional package controlnet-aux "
+                                 f"(`pip install controlnet-aux`): {type(e).__name__}: {e}") from None
+        folders = folder_paths.get_folder_paths(paths.OPENPOSE)
+        need = ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"]
+        folder = next((f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in need)), None)
+        if folder is None:
+            raise ModelFileError(f"Pose from image: OpenPose weights not found; put {', '.join(need)} into one of "
+                                 f"{folders}")
+        detector = OpenposeDetector.from_pretrained(folder)
+        frames = []
+        for img in images_to_uint8(image, "image"):
+            poses = detector.detect_poses(img, include_hand=False, include_face=include_face)
+            frames.append(_poses_to_keypoint_json(poses, img.shape[1], img.shape[0]))
+        return (frames,)
+
+
+def _poses_to_keypoint_json(poses, width, height) -> dict:
+    people = []
+    for p in poses:
+        body = []
+        for kp in p.body.keypoints:
+            body += [0.0, 0.0, 0.0] if kp is None else [float(kp.x), float(kp.y), 1.0]
+        face = None
+        if getattr(p, "face", None):
+            face = []
+            for kp in p.face:
+                face += [0.0, 0.0, 0.0] if kp is None else [float(kp.x), float(kp.y), 1.0]
+        people.append({"pose_keypoints_2d": body, "face_keypoints_2d": face})
+    return {"people": people, "canvas_width": width, "canvas_height": height}
+
+
+def check_masks(masks: torch.Tensor, count: int) -> torch.Tensor:
+    """MASK input of the apply node: exactly one mask per identity."""
+    if masks is None:
+        raise MaskError("masks: connect the masks output of 'InstantFamily Pose to Masks' (one per identity)")
+    return validate_masks(masks, expected_count=count, name="masks")

@@ -1,0 +1,63 @@
+"""Finding and importing the real ComfyUI host for tests, and loading this pack into it the way ComfyUI does.
+
+The host is found via ``COMFYUI_PATH``, or this pack sitting in ``ComfyUI/custom_nodes``, or comfy-cli's default
+workspace ``~/comfy/ComfyUI``. Without one, host tests skip with :data:`HOW_TO_PROVIDE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+HOW_TO_PROVIDE = ("no ComfyUI host found: set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed), "
+                  "or put this pack in ComfyUI/custom_nodes, or lay ComfyUI out at ~/comfy/ComfyUI")
+
+
+def _is_host(p: Path) -> bool:
+    return (p / "main.py").is_file() and (p / "comfy").is_dir() and (p / "folder_paths.py").is_file()
+
+
+def find_comfyui() -> Optional[Path]:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    if REPO.parent.name == "custom_nodes":
+        candidates.append(REPO.parent.parent)
+    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    return next((c.resolve() for c in candidates if _is_host(c)), None)
+
+
+_IMPORTED: dict = {}
+
+
+def import_host(extra_args: tuple = ()):
+    """Import ComfyUI in this process (once) with ``--cpu`` and return its ``nodes`` module."""
+    if "nodes" in _IMPORTED:
+        return _IMPORTED["nodes"]
+    root = find_comfyui()
+    if root is None:
+        raise RuntimeError(HOW_TO_PROVIDE)
+    sys.argv = ["main.py", "--cpu", "--disable-all-custom-nodes", *extra_args]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses sys.argv)
+    import nodes
+    _IMPORTED["nodes"] = nodes
+    return nodes
+
+
+def load_pack():
+    """Load this repository as a custom node pack through ComfyUI's own loader; return the pack module."""
+    nodes = import_host()
+    if "pack" not in _IMPORTED:
+        ok = asyncio.run(nodes.load_custom_node(str(REPO)))
+        if not ok:
+            raise RuntimeError("ComfyUI failed to load the pack; see the log above")
+        _IMPORTED["pack"] = sys.modules[str(REPO).replace(".", "_x_")]
+    return _IMPORTED["pack"]

@@ -1,0 +1,341 @@
+"""The pack inside a real ComfyUI host, in-process: tiny SD1.5-architecture UNet and ControlNet built with
+ComfyUI's own classes (seeded random weights), the pack loaded through ComfyUI's custom-node loader."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+
+@pytest.fixture(scope="module")
+def host():
+    from support.comfy_host import import_host, load_pack
+    nodes = import_host()
+    pack = load_pack()
+    name = pack.__name__
+    mods = {m: sys.modules[f"{name}.nodes.{m}"] for m in ("patch", "controlnet", "model_nodes", "pose_nodes",
+                                                          "paths", "face_nodes")}
+    return nodes, pack, mods
+
+
+@pytest.fixture(scope="module")
+def ifmodel(host, tmp_path_factory):
+    from support.comfy_models import write_tiny_checkpoint
+    _, _, m = host
+    path = tmp_path_factory.mktemp("if") / "tiny_if.safetensors"
+    write_tiny_checkpoint(path)
+    return m["model_nodes"].load_instantfamily(str(path))
+
+
+def identities(n, seed=0):
+    from instantfamily_core.identity import IdentityFeatures
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        e = torch.randn(512, generator=g)
+        out.append(IdentityFeatures(e / e.norm(), torch.randn(512, 7, 7, generator=g), name=f"p{i}",
+                                    face_pack="tinypack"))
+    return out
+
+
+def pose_for(n, w=128, h=128):
+    from support.poses import frame, person
+    return frame([person((i + 0.5) * w / n, h * 0.3, s=w / (6 * n)) for i in range(n)], w=w, h=h)
+
+
+def cond(seed, length=77):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, length, 768, generator=g), {}]]
+
+
+def sample(nodes, model, positive, negative, seed=0, steps=2, size=16, cfg=5.0):
+    latent = {"samples": torch.zeros(1, 4, size, size)}
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def apply(host, ifmodel, model, n, **kw):
+    nodes, _, m = host
+    ids = kw.pop("ids", None) or identities(n)
+    positive = kw.pop("positive", None) or cond(1)
+    pose_image, masks, _ = m["pose_nodes"].PoseToMasks().run(ids, "none (use pose_keypoint)", 128, 128, 0.25,
+                                                             "auto", pose_keypoint=pose_for(n))
+    args = dict(weight=1.0, identity_weights="", controlnet_strength=1.0, start_at=0.0, end_at=1.0,
+                mask_mode="checkpoint")
+    args.update(kw)
+    return m["model_nodes"].ApplyInstantFamily().apply(model, ifmodel, ids, pose_image, masks,
+                                                       positive, cond(2), **args)
+
+
+def test_nodes_and_folders_are_registered(host):
+    nodes, pack, m = host
+    import folder_paths
+    for name in pack.NODE_CLASS_MAPPINGS:
+        assert nodes.NODE_CLASS_MAPPINGS[name] is pack.NODE_CLASS_MAPPINGS[name]
+        assert pack.NODE_CLASS_MAPPINGS[name].CATEGORY == "InstantFamily"
+    for key in ("instantfamily", "insightface"):
+        assert key in folder_paths.folder_names_and_paths
+
+
+def test_folder_registration_merges_extra_model_paths(host, tmp_path):
+    _, _, m = host
+    import folder_paths
+    saved = dict(folder_paths.folder_names_and_paths)
+    try:
+        folder_paths.folder_names_and_paths["instantfamily"] = ([str(tmp_path)], set())
+        m["paths"].register_folders()
+        got = folder_paths.folder_names_and_paths["instantfamily"][0]
+        assert got[0] == str(tmp_path) and any(p.endswith("instantfamily") for p in got[1:])
+        m["paths"].register_folders()
+        assert folder_paths.folder_names_and_paths["instantfamily"][0] == got  # idempotent
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sampling_runs_with_unet_and_controlnet_patched(host, ifmodel, n):
+    from support.comfy_models import tiny_sd15
+    nodes, _, m = host
+    model = tiny_sd15()
+    seen = []
+    patched, pos, neg = apply(host, ifmodel, model, n)
+    state = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    spy = next(iter(state.values()))
+    original = spy.attention.__call__
+
+    class Spy:
+        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
+            seen.append((tuple(feature_hw), k.shape[1]))
+            return original(q, k, v, heads, feature_hw, attention_fn=attention_fn)
+    spy.attention = Spy()
+    out = sample(nodes, patched, pos, neg)
+    assert torch.isfinite(out).all()
+    assert all(nk == 77 + n * 50 for _, nk in seen)
+
+
+def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, ifmodel):
+    from support.comfy_models import tiny_sd15
+    nodes, _, m = host
+    model = tiny_sd15()
+    patched, pos, neg = apply(host, ifmodel, model, 2)
+    state = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    calls = []
+    inner = state.__class__.__call__
+
+    class Recording(state.__class__):
+        def __call__(self, q, k, v, extra_options):
+            calls.append((extra_options["block"][0], extra_options["block"][1], extra_options["block_index"]))
+            return inner(self, q, k, v, extra_options)
+    state.__class__ = Recording
+    try:
+        sample(nodes, patched, pos, neg, steps=1)
+    finally:
+        state.__class__ = m["patch"].InstantFamilyAttention
+    unet_keys = set(m["patch"].cross_attention_blocks(model.model.diffusion_model))
+    cn_keys = set(m["patch"].cross_attention_blocks(ifmodel.controlnet.control_model))
+    assert unet_keys and cn_keys
+    assert set(calls) == unet_keys | cn_keys
+    # one euler step = one batched cond+uncond call: every input block runs once in the UNet and once in the
+    # ControlNet, so the ControlNet really runs the hooks (its keys are a subset of the UNet's)
+    assert sum(1 for c in calls if c[0] == "input") == 2 * len([k for k in unet_keys if k[0] == "input"])
+
+
+def _block_outputs(m, model, state, x_hw=(8, 8), seed=0):
+    """Run every cross-attention BasicTransformerBlock of the UNet with ``state``'s hooks; return outputs."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    dm = model.model.diffusion_model
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(2, 77, 768, generator=g)
+    outs = {}
+    groups = [("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)]
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for layer in block:
+                if not isinstance(layer, SpatialTransformer):
+                    continue
+                for idx, tb in enumerate(layer.transformer_blocks):
+                    c = tb.attn2.to_q.weight.shape[1]
+                    x = torch.randn(2, x_hw[0] * x_hw[1], c, generator=g)
+                    opts = {"block": (name, number), "block_index": idx, "cond_or_uncond": [0, 1],
+                            "activations_shape": [2, c, *x_hw]}
+                    if state is not None:
+                        opts["patches"] = {"attn2_patch": [state.extend_context]}
+                        opts["patches_replace"] = {"attn2": {(name, number, idx): state}}
+                    with torch.no_grad():
+                        outs[(name, number, idx)] = (tb(x, context=text, transformer_options=opts), x, text, opts)
+    return outs
+
+
+BACKENDS = ["attention_sub_quad", "attention_pytorch", "attention_basic"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changing_one_identity_changes_only_its_mask_in_every_block(host, backend):
+    from support.comfy_models import tiny_sd15
+    import comfy.ldm.modules.attention as A
+    from instantfamily_core.attention import MaskedCrossAttention
+    _, _, m = host
+    fn = getattr(A, backend)
+
+    def attention_fn(q, k, v, heads, mask=None):
+        return fn(q, k, v, heads, mask=mask)
+    model = tiny_sd15()
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :24] = 1
+    masks[1, 16:48, 20:56] = 1  # overlaps identity 0 in columns 20..23
+    tokens = torch.randn(2, 50, 768)
+    null = torch.randn(50, 768)
+    base_state = m["patch"].InstantFamilyAttention(tokens, null, MaskedCrossAttention(masks, 50), None, attention_fn)
+    changed = tokens.clone()
+    changed[1] += 1.0
+    new_state = m["patch"].InstantFamilyAttention(changed, null, MaskedCrossAttention(masks, 50), None, attention_fn)
+    a, b = _block_outputs(m, model, base_state), _block_outputs(m, model, new_state)
+    from instantfamily_core.masks import resize_masks
+    inside = resize_masks(masks, (8, 8))[1].flatten() > 0
+    for key in a:
+        diff = (a[key][0] - b[key][0]).abs().amax(dim=2)
+        assert torch.equal(diff[0] > 0, inside), key  # cond row: only inside mask 1
+        assert (diff[1] == 0).all(), key  # uncond row uses null tokens: untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_mask_equals_plain_attention_over_the_stack_in_comfy_blocks(host, backend):
+    from support.comfy_models import tiny_sd15
+    import comfy.ldm.modules.attention as A
+    from instantfamily_core.attention import MaskedCrossAttention
+    _, _, m = host
+    fn = getattr(A, backend)
+    model = tiny_sd15()
+    tokens, null = torch.randn(1, 50, 768), torch.randn(50, 768)
+    state = m["patch"].InstantFamilyAttention(tokens, null, MaskedCrossAttention(torch.ones(1, 8, 8), 50), None,
+                                              lambda q, k, v, heads, mask=None: fn(q, k, v, heads, mask=mask))
+    patched = _block_outputs(m, model, state)
+    plain = _block_outputs(m, model, None)
+    for key, (out, x, text, opts) in patched.items():
+        tb = _find_block(model, key)
+        ctx = torch.cat([text, torch.stack([tokens[0], null])], dim=1)
+        with torch.no_grad():
+            ref = _plain_block(tb, x, ctx, fn)
+        assert torch.equal(out, ref), key
+        assert not torch.equal(out, plain[key][0])  # the identities did change something
+
+
+def _find_block(model, key):
+    dm = model.model.diffusion_model
+    name, number, idx = key
+    block = {"input": dm.input_blocks, "output": dm.output_blocks}.get(name, [dm.middle_block])[number]
+    from comfy.ldm.modules.attention import SpatialTransformer
+    return [l for l in block if isinstance(l, SpatialTransformer)][0].transformer_blocks[idx]
+
+
+def _plain_block(tb, x, ctx, fn):
+    """The same BasicTransformerBlock with a plain attn2 over the full stack, through backend ``fn``."""
+    def replace(q, k, v, extra):
+        return fn(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+    return tb(x, context=ctx, transformer_options={"patches_replace": {"attn2": {("x", 0, 0): replace}},
+                                                   "block": ("x", 0), "block_index": 0})
+
+
+def test_zero_identities_patch_is_identical_to_unpatched(host):
+    from support.comfy_models import tiny_sd15
+    from instantfamily_core.attention import MaskedCrossAttention
+    nodes, _, m = host
+    model = tiny_sd15()
+    state = m["patch"].InstantFamilyAttention(torch.zeros(0, 50, 768), torch.zeros(50, 768),
+                                              MaskedCrossAttention(torch.zeros(0, 16, 16), 50))
+    patched = m["patch"].patch_model(model, state)
+    assert torch.equal(sample(nodes, patched, cond(1), cond(2)), sample(nodes, model, cond(1), cond(2)))
+
+
+def test_patch_outside_start_end_equals_unpatched_and_the_original_model_is_untouched(host, ifmodel):
+    from support.comfy_models import tiny_sd15
+    nodes, _, _ = host
+    model = tiny_sd15()
+    before = sample(nodes, model, cond(1), cond(2))
+    active, pos_a, neg_a = apply(host, ifmodel, model, 2)
+    idle, pos_i, neg_i = apply(host, ifmodel, model, 2, start_at=1.0, end_at=1.0)
+    assert torch.equal(sample(nodes, idle, pos_i, neg_i), before)
+    with_ids = sample(nodes, active, pos_a, neg_a)
+    assert not torch.equal(with_ids, before)
+    # the unpatched model and the loaded ControlNet are untouched by applying
+    assert torch.equal(sample(nodes, model, cond(1), cond(2)), before)
+    assert ifmodel.controlnet.instantfamily is None
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+    # a second apply with other identities leaves the first patched model's result unchanged
+    apply(host, ifmodel, model, 2, ids=identities(2, seed=9))
+    assert torch.equal(sample(nodes, active, pos_a, neg_a), with_ids)
+
+
+def test_controlnet_chains_with_controlnets_before_and_after(host, ifmodel):
+    from support.comfy_models import tiny_controlnet_ldm, tiny_sd15
+    import comfy.controlnet
+    nodes, _, m = host
+    model = tiny_sd15()
+    sd, cfg = tiny_controlnet_ldm(seed=5)
+    other = m["controlnet"].build_controlnet(sd, "ldm", cfg)
+    plain_cn = comfy.controlnet.ControlNet(other.control_model, load_device=other.load_device,
+                                           manual_cast_dtype=other.manual_cast_dtype)
+    hint = torch.rand(1, 128, 128, 3)
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(cond(1), cond(2), plain_cn, hint, 0.7, 0.0, 1.0)
+    patched, pos2, neg2 = apply(host, ifmodel, model, 2, positive=pos)
+    first = pos2[0][1]["control"]
+    assert isinstance(first, m["controlnet"].InstantFamilyControlNet)
+    assert first.previous_controlnet is pos[0][1]["control"]
+    pos3, neg3 = nodes.ControlNetApplyAdvanced().apply_controlnet(pos2, neg2, plain_cn, hint, 0.5, 0.0, 1.0)
+    assert pos3[0][1]["control"].previous_controlnet is first
+    out = sample(nodes, patched, pos3, neg3)
+    assert torch.isfinite(out).all()
+
+
+def test_apply_errors(host, ifmodel):
+    from support.comfy_models import tiny_sd15
+    from instantfamily_core.errors import BaseModelError, IdentityCountError, MaskError
+    import comfy.supported_models
+    _, _, m = host
+    model = tiny_sd15()
+    node = m["model_nodes"].ApplyInstantFamily()
+    args = dict(weight=1.0, identity_weights="", controlnet_strength=1.0, start_at=0.0, end_at=1.0,
+                mask_mode="checkpoint")
+    img = torch.zeros(1, 128, 128, 3)
+    with pytest.raises(MaskError, match="3 masks but there are 2"):
+        node.apply(model, ifmodel, identities(2), img, torch.zeros(3, 128, 128), cond(1), cond(2), **args)
+    with pytest.raises(IdentityCountError, match="empty"):
+        node.apply(model, ifmodel, [], img, torch.zeros(0, 128, 128), cond(1), cond(2), **args)
+    with pytest.raises(Exception, match="weights"):
+        node.apply(model, ifmodel, identities(2), img, torch.zeros(2, 128, 128), cond(1), cond(2),
+                   **{**args, "identity_weights": "1"})
+    sd2 = model.clone()
+    sd2.model.model_config = comfy.supported_models.SD20(dict(sd2.model.model_config.unet_config))
+    with pytest.raises(BaseModelError, match="Stable Diffusion 1.5"):
+        node.apply(sd2, ifmodel, identities(1), img, torch.zeros(1, 128, 128), cond(1), cond(2), **args)
+
+
+def test_pose_to_masks_node_outputs_and_errors(host):
+    from instantfamily_core.errors import IdentityCountError, MaskError, PoseError
+    _, _, m = host
+    node = m["pose_nodes"].PoseToMasks()
+    pose, masks, preview = node.run(identities(3), "none (use pose_keypoint)", 192, 128, 0.25, "auto",
+                                    pose_keypoint=pose_for(3, 384, 256))
+    assert pose.shape == (1, 128, 192, 3) and masks.shape == (3, 128, 192) and preview.shape == pose.shape
+    assert (masks.flatten(1).sum(1) > 0).all()
+    with pytest.raises(IdentityCountError, match="only 3 people"):
+        node.run(identities(4), "none (use pose_keypoint)", 192, 128, 0.25, "auto", pose_keypoint=pose_for(3))
+    with pytest.raises(PoseError, match="no people"):
+        node.run(identities(1), "none (use pose_keypoint)", 64, 64, 0.25, "auto",
+                 pose_keypoint=[{"canvas_width": 64, "canvas_height": 64, "people": []}])
+    with pytest.raises(MaskError, match="2 masks but there are 3"):
+        node.run(identities(3), "none (use pose_keypoint)", 64, 64, 0.25, "auto", pose_keypoint=pose_for(3),
+                 masks=torch.ones(2, 64, 64))
+    with pytest.raises(PoseError, match="template"):
+        node.run(identities(1), "none (use pose_keypoint)", 64, 64, 0.25, "auto")
+    user = torch.zeros(3, 32, 32)
+    user[:, :8, :8] = 1
+    _, got, _ = node.run(identities(3), "none (use pose_keypoint)", 64, 64, 0.25, "auto",
+                         pose_keypoint=pose_for(3), masks=user)
+    assert got.shape == (3, 64, 64) and got[:, :16, :16].min() == 1 and got[:, 20:, 20:].max() == 0
