@@ -253,3 +253,27 @@ def parse_order(text: str, name: str = "identity_order") -> Optional[list[int]]:
     except ValueError:
         raise IdentityCountError(f"{name}: expected comma-separated person indices like '1,0,2' or 'auto', "
                                  f"got {text!r}") from None
+
+
+def pose_from_faces(faces, width: int, height: int) -> dict:
+    """A POSE_KEYPOINT frame from detected faces alone (no body detector needed).
+
+    ``faces``: sequence of ``(bbox (x1, y1, x2, y2), kps (5, 2))`` in pixels, kps in insightface order (image-left
+    eye, image-right eye, nose, mouth corners). Each person gets nose, eyes, ears (at the box sides, eye height)
+    and a neck below the chin — enough for face boxes, slot circles and a head-and-neck skeleton. People are
+    ordered left to right.
+    """
+    people = []
+    for bbox, kps in sorted(faces, key=lambda f: (f[0][0] + f[0][2]) / 2):
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+        k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
+        body = np.zeros((18, 3))
+        eye_y = (k[0, 1] + k[1, 1]) / 2
+        body[NOSE] = (k[2, 0], k[2, 1], 1)
+        body[R_EYE] = (k[0, 0], k[0, 1], 1)  # the person's right eye appears on the image's left
+        body[L_EYE] = (k[1, 0], k[1, 1], 1)
+        body[R_EAR] = (x1, eye_y, 1)
+        body[L_EAR] = (x2, eye_y, 1)
+        body[NECK] = ((x1 + x2) / 2, y2 + 0.35 * (y2 - y1), 1)
+        people.append({"pose_keypoints_2d": body.reshape(-1).tolist(), "face_keypoints_2d": None})
+    return {"people": people, "canvas_width": int(width), "canvas_height": int(height)}

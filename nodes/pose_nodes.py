@@ -10,12 +10,12 @@ import torch
 
 from instantfamily_core.errors import MaskError, ModelFileError, PoseError
 from instantfamily_core.masks import resize_masks, validate_masks
-from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_order, parse_pose
+from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces
 from instantfamily_core.render import draw_control_image, draw_preview
 
 from . import paths
 from .convert import images_to_uint8, uint8_to_image
-from .face_nodes import CATEGORY, IDENTITIES
+from .face_nodes import CATEGORY, FACE_ANALYSIS, IDENTITIES
 
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pose_templates")
 NO_TEMPLATE = "none (use pose_keypoint)"
@@ -77,36 +77,56 @@ class PoseToMasks:
         return (uint8_to_image(control), out_masks, uint8_to_image(preview))
 
 
+OPENPOSE_METHOD = "openpose (controlnet-aux)"
+FACES_METHOD = "faces (insightface)"
+
+
 class PoseFromImage:
-    DESCRIPTION = ("Detects OpenPose body (+face) keypoints in a photo with controlnet-aux's OpenPose detector. "
-                   "Optional: needs `pip install controlnet-aux` and the detector weights (body_pose_model.pth, "
-                   "facenet.pth, hand_pose_model.pth) in models/openpose/.")
+    DESCRIPTION = ("Keypoints (POSE_KEYPOINT) from a photo. 'openpose' runs controlnet-aux's OpenPose detector "
+                   "(body + face; needs `pip install controlnet-aux` and body_pose_model.pth, hand_pose_model.pth, "
+                   "facenet.pth in models/openpose/). 'faces' needs only the face analysis: head and neck "
+                   "keypoints of every detected face.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("POSE_KEYPOINT",)
     FUNCTION = "detect"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "include_face": ("BOOLEAN", {"default": True})}}
+        return {"required": {"image": ("IMAGE",),
+                             "method": ([OPENPOSE_METHOD, FACES_METHOD], {"default": OPENPOSE_METHOD}),
+                             "include_face": ("BOOLEAN", {"default": True})},
+                "optional": {"face_analysis": (FACE_ANALYSIS, {"tooltip": "required by the 'faces' method"})}}
 
-    def detect(self, image, include_face):
-        try:
-            from controlnet_aux.open_pose import OpenposeDetector
-        except Exception as e:  # ImportError, or its own import-time failures
-            raise ModelFileError("Pose from image needs the optional package controlnet-aux "
-                                 f"(`pip install controlnet-aux`): {type(e).__name__}: {e}") from None
-        folders = folder_paths.get_folder_paths(paths.OPENPOSE)
-        need = ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"]
-        folder = next((f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in need)), None)
-        if folder is None:
-            raise ModelFileError(f"Pose from image: OpenPose weights not found; put {', '.join(need)} into one of "
-                                 f"{folders}")
-        detector = OpenposeDetector.from_pretrained(folder)
+    def detect(self, image, method, include_face, face_analysis=None):
+        images = images_to_uint8(image, "image")
+        if method == FACES_METHOD:
+            if face_analysis is None:
+                raise ModelFileError("face_analysis: the 'faces' method needs a face analysis input "
+                                     "(InstantFamily Face Analysis Loader)")
+            return ([pose_from_faces([(f.bbox, f.kps) for f in face_analysis.detect(img, name=f"image {i}")],
+                                     img.shape[1], img.shape[0]) for i, img in enumerate(images)],)
+        detector = _openpose_detector()
         frames = []
-        for img in images_to_uint8(image, "image"):
+        for img in images:
             poses = detector.detect_poses(img, include_hand=False, include_face=include_face)
             frames.append(_poses_to_keypoint_json(poses, img.shape[1], img.shape[0]))
         return (frames,)
+
+
+def _openpose_detector():
+    try:
+        from controlnet_aux.open_pose import OpenposeDetector
+    except Exception as e:  # ImportError, or its own import-time failures
+        raise ModelFileError("Pose from image ('openpose' method) needs the optional package controlnet-aux "
+                             f"(`pip install controlnet-aux`), or choose the 'faces' method: {type(e).__name__}: "
+                             f"{e}") from None
+    folders = folder_paths.get_folder_paths(paths.OPENPOSE)
+    need = ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"]
+    folder = next((f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in need)), None)
+    if folder is None:
+        raise ModelFileError(f"Pose from image: OpenPose weights not found; put {', '.join(need)} into one of "
+                             f"{folders}, or choose the 'faces' method")
+    return OpenposeDetector.from_pretrained(folder)
 
 
 def _poses_to_keypoint_json(poses, width, height) -> dict:

@@ -174,3 +174,16 @@ def test_mask_validation():
         validate_masks(torch.zeros(2, 2, 2, 8, 8))
     assert validate_masks(torch.ones(8, 8)).shape == (1, 8, 8)
     assert expand_box((10, 10, 20, 20), 0.0, 100, 100) == (10, 10, 20, 20)
+
+
+def test_pose_from_faces_gives_boxes_near_the_detected_faces():
+    from instantfamily_core.pose import pose_from_faces
+    kps = [(90, 110), (110, 110), (100, 120), (92, 130), (108, 130)]
+    faces = [((300, 80, 340, 140), [(x + 220, y) for x, y in kps]), ((80, 90, 120, 150), kps)]
+    f = parse_pose(pose_from_faces(faces, 512, 512))
+    assert len(f.people) == 2
+    slots = assign_slots(f, 2)
+    assert slots.person_of_slot == (0, 1)
+    (ax1, ay1, ax2, ay2), (bx1, _, bx2, _) = slots.face_boxes
+    assert ax1 < 90 and ax2 > 110 and ay1 < 110 and ay2 > 120  # covers eyes and nose
+    assert bx1 > 250  # second person on the right

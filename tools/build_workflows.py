@@ -1,0 +1,95 @@
+"""Builds the bundled workflows: API-format prompts defined here → ``workflows/api/<name>.json`` and their UI
+(LiteGraph) twins ``workflows/<name>.json`` that the ComfyUI frontend loads as templates.
+
+Needs a ComfyUI host (for ``/object_info``): ``python tools/build_workflows.py`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from support.comfy_server import ComfyServer  # noqa: E402
+from support.workflow_format import api_to_ui  # noqa: E402
+
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+INSTANTFAMILY = "instantfamily_sd15.safetensors"
+
+
+def family_prompt(n: int, photo: bool) -> dict:
+    p: dict = {}
+
+    def add(cls, **inputs):
+        nid = str(len(p) + 1)
+        p[nid] = {"class_type": cls, "inputs": inputs}
+        return nid
+
+    width = 512
+    if not photo:
+        with open(ROOT / "pose_templates" / f"family_{n}.json") as f:
+            width = json.load(f)[0]["canvas_width"]
+    ckpt = add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    fa = add("InstantFamilyFaceAnalysisLoader", pack="antelopev2", provider="auto", det_size=640)
+    ids = None
+    for i in range(n):
+        img = add("LoadImage", image=f"person_{i + 1}.png")
+        kw = dict(face_analysis=[fa, 0], image=[img, 0], name=f"person {i + 1}", on_no_face="error")
+        if ids:
+            kw["identities"] = [ids, 0]
+        ids = add("InstantFamilyEncodeIdentity", **kw)
+    masks_kw = dict(identities=[ids, 0], width=width, height=512, margin=0.25, identity_order="auto")
+    if photo:
+        photo_id = add("LoadImage", image="group_photo.png")
+        kp = add("InstantFamilyPoseFromImage", image=[photo_id, 0], method="openpose (controlnet-aux)",
+                 include_face=True, face_analysis=[fa, 0])
+        ptm = add("InstantFamilyPoseToMasks", template="none (use pose_keypoint)", pose_keypoint=[kp, 0], **masks_kw)
+    else:
+        ptm = add("InstantFamilyPoseToMasks", template=f"family_{n}.json", **masks_kw)
+    word = COUNT_WORDS[n]
+    pos = add("CLIPTextEncode", clip=[ckpt, 1],
+              text=f"{word} people, a family photo of {word} people standing together in a park, natural light")
+    neg = add("CLIPTextEncode", clip=[ckpt, 1], text="blurry, lowres, deformed face, extra people")
+    ifl = add("InstantFamilyLoader", checkpoint=INSTANTFAMILY)
+    app = add("ApplyInstantFamily", model=[ckpt, 0], instantfamily=[ifl, 0], identities=[ids, 0],
+              pose_image=[ptm, 0], masks=[ptm, 1], positive=[pos, 0], negative=[neg, 0], weight=1.0,
+              identity_weights="", controlnet_strength=1.0, start_at=0.0, end_at=1.0, mask_mode="checkpoint")
+    lat = add("EmptyLatentImage", width=width, height=512, batch_size=1)
+    ks = add("KSampler", model=[app, 0], seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras",
+             positive=[app, 1], negative=[app, 2], latent_image=[lat, 0], denoise=1.0)
+    dec = add("VAEDecode", samples=[ks, 0], vae=[ckpt, 2])
+    add("SaveImage", images=[dec, 0], filename_prefix="InstantFamily")
+    add("PreviewImage", images=[ptm, 2])
+    return p
+
+
+WORKFLOWS = {
+    "instantfamily_2_identities_pose_from_photo": (2, True),
+    "instantfamily_4_identities_template": (4, False),
+    "instantfamily_7_identities_template": (7, False),
+}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
+        info = server.get("/object_info")
+    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
+    for name, (n, photo) in WORKFLOWS.items():
+        prompt = family_prompt(n, photo)
+        for path, data in ((ROOT / "workflows" / "api" / f"{name}.json", prompt),
+                           (ROOT / "workflows" / f"{name}.json", api_to_ui(prompt, info))):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    main()
