@@ -67,14 +67,16 @@ class InstantFamilyAttention:
         return end <= sigma <= start
 
     def _tokens_for(self, cond_or_uncond, rows: int, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
+        """``(rows, N·T, D)``: identity tokens on cond rows, null tokens on uncond rows (built once per layout)."""
+        chunks = tuple(cond_or_uncond) if cond_or_uncond else (0,)
+        key = (chunks, rows, like.device, like.dtype)
         if key not in self._device_cache:
-            self._device_cache[key] = (self.tokens.to(like.device, like.dtype).flatten(0, 1),
-                                       self.null_tokens.to(like.device, like.dtype).repeat(self.num_identities, 1))
-        real, null = self._device_cache[key]
-        chunks = list(cond_or_uncond) if cond_or_uncond else [0]
-        per = rows // len(chunks)
-        return torch.stack([null if chunks[i // per] == 1 else real for i in range(rows)])
+            real = self.tokens.to(like.device, like.dtype).flatten(0, 1)
+            null = self.null_tokens.to(like.device, like.dtype).repeat(self.num_identities, 1)
+            per = max(1, rows // len(chunks))
+            self._device_cache[key] = torch.stack(
+                [null if chunks[min(i // per, len(chunks) - 1)] == 1 else real for i in range(rows)])
+        return self._device_cache[key]
 
     def extend_context(self, n, context, value, extra_options):
         """``attn2_patch``: ``(n, context, value) → (n, context + identities, value + identities)``."""
