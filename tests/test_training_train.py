@@ -1,0 +1,135 @@
+"""train.py end to end on tiny random models: loss, export → load, checkpoints, crash + resume equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instantfamily_core.checkpoint import load_checkpoint
+from support.training_fixtures import training_workspace
+from training import checkpoints as ck
+from training import export, train
+from training import model as M
+from training.data import DropoutConfig, ShardDataset, collate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return training_workspace(tmp_path_factory)
+
+
+def test_loss_decreases_on_a_fixed_batch(ws):
+    comps = ws.setup.components
+    torch.manual_seed(0)
+    net = M.InstantFamilyNet(M.make_controlnet(comps.unet), M.IdentityProjector(ws.setup.projector.config)).train()
+    ds = ShardDataset(ws.shards, seed=0, dropout=DropoutConfig(0, 0, 0))
+    batch = collate([ds.validation_item(i) for i in (0, 2)])
+    g = torch.Generator().manual_seed(0)
+    from diffusers import DDPMScheduler
+    with torch.no_grad():
+        latents = comps.vae.encode(batch["pixels"]).latent_dist.mean * comps.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.tensor([300, 600])
+        noisy = DDPMScheduler.from_config(comps.scheduler_config).add_noise(latents, noise, t)
+        text = M.encode_text(comps.text_encoder, comps.tokenizer, batch["caption"])
+    ids = M.IdentityBatch(batch["global"], batch["local"], batch["present"])
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.mse_loss(net(comps.unet, noisy, t, text, ids, batch["masks"], batch["control"]),
+                                            noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 5, losses
+    assert not any(p.requires_grad for p in comps.unet.parameters())
+
+
+def test_train_validate_export_and_load(ws, tmp_path):
+    out = tmp_path / "run"
+    rc = train.main(ws.train_args(out, "--max-steps", "3", "--checkpoint-every", "3", "--validate-every", "3",
+                                  "--num-validation", "2", "--validation-steps", "2"))
+    assert rc == 0
+    rows = ck.LossLog(out / "losses.jsonl").read()
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0 < r["loss"] < 10 for r in rows)
+    assert (out / "validation" / "step-0000003.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    final = out / "instantfamily.safetensors"
+    ckpt = load_checkpoint(str(final))
+    assert ckpt.meta.face_pack == "tinypack" and ckpt.meta.max_identities == 4
+    assert ckpt.meta.mask_mode == "additive" and ckpt.meta.controlnet_layout == "diffusers"
+    assert ckpt.meta.projector.hidden_dim == 64 and ckpt.meta.extra["training_steps"] == "3"
+
+    # export.py from the step folder gives the same file contents
+    again = tmp_path / "again.safetensors"
+    assert export.main(["--checkpoint", str(out / "checkpoints" / "step-0000003"), "--output", str(again)]) == 0
+    a, b = load_file(str(final)), load_file(str(again))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert export.main(["--checkpoint", str(out / "checkpoints" / "step-0000003"), "--output", str(again),
+                        "--ema"]) == 2  # no EMA kept in this run
+
+    # the loaded checkpoint predicts exactly what the trained weights predict, and training changed them
+    trained = load_file(str(out / "checkpoints" / "step-0000003" / "model.safetensors"))
+    cn = M.load_controlnet_from_checkpoint(ckpt)
+    ref_cn = M.make_controlnet(ws.setup.components.unet)
+    ref_cn.load_state_dict({k[len("controlnet."):]: v for k, v in trained.items() if k.startswith("controlnet.")})
+    assert any(not torch.equal(v, ref_cn.state_dict()[k]) for k, v in M.make_controlnet(ws.setup.components.unet)
+               .state_dict().items())
+    lat, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    text, ids, masks = torch.randn(1, 77, 768), torch.randn(2, 50, 768), torch.zeros(2, 64, 64)
+    masks[0, :, :30], masks[1, :, 34:] = 1, 1
+    ctl = torch.rand(1, 3, 64, 64)
+    got = M.predict_noise(ws.setup.components.unet, cn, ckpt.projector, lat, t, text, ids, masks, ctl)
+    want = M.predict_noise(ws.setup.components.unet, ref_cn, ckpt.projector, lat, t, text, ids, masks, ctl)
+    assert torch.equal(got, want)
+
+
+def test_existing_output_needs_resume(ws, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(ws.train_args(out, "--max-steps", "1", "--checkpoint-every", "1")) == 0
+    assert train.main(ws.train_args(out, "--max-steps", "2", "--checkpoint-every", "1")) == 2
+    assert train.main(ws.train_args(out, "--max-steps", "1", "--resume", str(out / "nope"))) == 2
+
+
+def test_resume_after_crash_mid_checkpoint_equals_uninterrupted_run(ws, tmp_path):
+    common = ("--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--ema", "--ema-decay", "0.9")
+    straight = tmp_path / "straight"
+    assert train.main(ws.train_args(straight, *common)) == 0
+
+    crashed = tmp_path / "crashed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"),
+                           *ws.train_args(crashed, *common, "--debug-crash-in-checkpoint", "4")],
+                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    root = crashed / "checkpoints"
+    assert (root / "step-0000004.tmp").is_dir()  # the write was cut
+    assert ck.latest_checkpoint(root) == root / "step-0000002"  # the previous checkpoint survives
+    assert [r["step"] for r in ck.LossLog(crashed / "losses.jsonl").read()] == [1, 2, 3, 4]
+    assert not (crashed / "instantfamily.safetensors").exists()
+
+    assert train.main(ws.train_args(crashed, *common, "--resume")) == 0
+    assert not (root / "step-0000004.tmp").exists()
+    assert [p.name for _, p in ck.list_checkpoints(root)] == ["step-0000002", "step-0000004"]
+
+    a, b = ck.LossLog(straight / "losses.jsonl").read(), ck.LossLog(crashed / "losses.jsonl").read()
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
+                               rtol=1e-5, atol=1e-7)
+    for name in ("instantfamily.safetensors", "instantfamily-ema.safetensors"):
+        wa, wb = load_file(str(straight / name)), load_file(str(crashed / name))
+        assert set(wa) == set(wb)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+    state = json.loads((root / "step-0000004" / "state.json").read_text())
+    assert state["global_step"] == 4 and state["consumed_micro_batches"] == 4

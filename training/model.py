@@ -1,0 +1,300 @@
+"""The InstantFamily model for training and for checking train/infer parity.
+
+Context for **both** the UNet and the ControlNet = ``stack_context(text (B, 77, 768), identity tokens)``; every
+attn2 of both runs the core's :class:`~instantfamily_core.attention.MaskedCrossAttention` through
+:mod:`training.processors`. The ControlNet reads the pose image (float RGB in [0, 1], ``(B, 3, H, W)``) and adds its
+residuals to the UNet, scaled by ``conditioning_scale``.
+
+Public API (used by ``train.py`` and by the ComfyUI parity test)::
+
+    predict_noise(unet, controlnet, projector, noisy_latents, timesteps, text_embeddings, identities, masks,
+                  control_image, mask_mode="additive", conditioning_scale=1.0, identity_weights=None) -> noise_pred
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from instantfamily_core.attention import MaskedCrossAttention
+from instantfamily_core.checkpoint import CheckpointMeta, save_checkpoint
+from instantfamily_core.errors import EmbeddingError, IdentityCountError
+from instantfamily_core.identity import IdentityFeatures
+from instantfamily_core.projector import IdentityProjector, ProjectorConfig
+from instantfamily_core.stack import stack_context
+
+from training.processors import MaskContext, MaskedCrossAttnProcessor, install_processors
+
+CONTROLNET_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+
+
+@dataclass
+class IdentityBatch:
+    """Per-row identity features for ``N`` slots, padded.
+
+    ``global_embedding`` ``(B, N, D_g)``; ``local_map`` ``(B, N, D_l, L, L)``; ``present`` ``(B, N)`` bool (False =
+    padding slot → null tokens); ``drop`` ``(B,)`` bool (True = identity dropout for classifier-free guidance: every
+    slot of the row gets the null tokens, masks unchanged).
+    """
+
+    global_embedding: torch.Tensor
+    local_map: torch.Tensor
+    present: torch.Tensor
+    drop: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "IdentityBatch":
+        return IdentityBatch(self.global_embedding.to(device), self.local_map.to(device), self.present.to(device),
+                             None if self.drop is None else self.drop.to(device))
+
+
+Identities = Union[torch.Tensor, Sequence[IdentityFeatures], IdentityBatch]
+
+
+def batch_tokens(projector: IdentityProjector, batch: IdentityBatch) -> torch.Tensor:
+    """``(B, N, T, D)`` tokens: projected features where present (and not dropped), null tokens elsewhere.
+
+    Every slot goes through the projector (absent ones on zeros) so all projector parameters take part in every
+    step — DDP then needs no ``find_unused_parameters``."""
+    g, loc, present = batch.global_embedding, batch.local_map, batch.present.bool()
+    if g.ndim != 3 or loc.ndim != 5 or present.shape != g.shape[:2] or loc.shape[:2] != g.shape[:2]:
+        raise EmbeddingError(f"identity batch: expected global (B, N, D_g), local (B, N, D_l, L, L), present (B, N); "
+                             f"got {tuple(g.shape)}, {tuple(loc.shape)}, {tuple(present.shape)}")
+    b, n = present.shape
+    p = projector.null_tokens
+    if n == 0:
+        return p.new_zeros((b, 0, *p.shape))
+    tokens = projector(g.reshape(b * n, -1).to(p.device, p.dtype),
+                       loc.reshape(b * n, *loc.shape[2:]).to(p.device, p.dtype)).reshape(b, n, *p.shape)
+    keep = present.to(p.device)
+    if batch.drop is not None:
+        keep = keep & ~batch.drop.bool().to(p.device)[:, None]
+    return torch.where(keep[:, :, None, None], tokens, p.expand_as(tokens))
+
+
+def identity_tokens(projector: IdentityProjector, identities: Identities) -> torch.Tensor:
+    """Tokens ``(N, T, D)`` (shared by the batch) or ``(B, N, T, D)`` from any accepted identity input."""
+    if isinstance(identities, IdentityBatch):
+        return batch_tokens(projector, identities)
+    if isinstance(identities, torch.Tensor):
+        if identities.ndim not in (3, 4) or identities.shape[-2:] != projector.null_tokens.shape:
+            raise IdentityCountError(f"identity tokens: expected (N, T, D) or (B, N, T, D) with (T, D) = "
+                                     f"{tuple(projector.null_tokens.shape)}, got {tuple(identities.shape)}")
+        return identities
+    return projector.project(list(identities))
+
+
+def ensure_processors(model: nn.Module) -> None:
+    """Install the InstantFamily processors on ``model`` unless every attn2 already has them."""
+    procs = model.attn_processors
+    if not all(isinstance(p, MaskedCrossAttnProcessor) for k, p in procs.items() if k.endswith("attn2.processor")):
+        install_processors(model)
+
+
+def predict_noise(unet, controlnet, projector: IdentityProjector, noisy_latents: torch.Tensor,
+                  timesteps: torch.Tensor, text_embeddings: torch.Tensor, identities: Identities,
+                  masks: torch.Tensor, control_image: Optional[torch.Tensor], mask_mode: str = "additive",
+                  conditioning_scale: float = 1.0,
+                  identity_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """The UNet's noise prediction with the ControlNet and masked cross-attention in both.
+
+    ``noisy_latents`` (B, 4, h, w); ``timesteps`` scalar or (B,); ``text_embeddings`` (B, 77, 768) (CLIP last
+    hidden state after the final layer norm); ``identities``: a list of :class:`IdentityFeatures` (projected here,
+    shared by the batch), a tensor of tokens (N, T, D) / (B, N, T, D), or an :class:`IdentityBatch`; ``masks``
+    (N, H, W) or per-row (B, N, H, W) in [0, 1] at any resolution (image resolution in practice; all-zero = padding
+    slot); ``control_image`` (B, 3, H, W) float RGB in [0, 1], or None to run the UNet alone;
+    ``identity_weights`` N per-identity weights (default 1). Returns (B, 4, h, w).
+    """
+    tokens = identity_tokens(projector, identities)
+    context, layout = stack_context(text_embeddings, tokens)
+    attention = MaskedCrossAttention(masks, layout.tokens_per_identity, identity_weights, mode=mask_mode) \
+        if layout.num_identities else None
+    if attention is not None and attention.num_identities != layout.num_identities:
+        raise IdentityCountError(f"masks: {attention.num_identities} masks for {layout.num_identities} identities; "
+                                 "give one mask per identity, in slot order")
+    state = MaskContext(attention, (int(noisy_latents.shape[-2]), int(noisy_latents.shape[-1])))
+    context = context.to(noisy_latents.dtype)
+    down, mid = None, None
+    ensure_processors(unet)
+    if control_image is not None:
+        ensure_processors(controlnet)
+        down, mid = controlnet(noisy_latents, timesteps, encoder_hidden_states=context,
+                               controlnet_cond=control_image.to(noisy_latents.dtype),
+                               conditioning_scale=conditioning_scale, cross_attention_kwargs=state.as_kwargs(),
+                               return_dict=False)
+    return unet(noisy_latents, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, cross_attention_kwargs=state.as_kwargs(), return_dict=False)[0]
+
+
+def make_controlnet(unet):
+    """A pose ControlNet initialised from the UNet's weights (zero convolutions at zero), with our processors.
+
+    The hint encoder keeps the standard ``(16, 32, 96, 256)`` channels: ComfyUI's ControlNet loader maps exactly
+    that layout onto its ``input_hint_block``."""
+    from diffusers import ControlNetModel
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
+    install_processors(cn)
+    return cn
+
+
+class InstantFamilyNet(nn.Module):
+    """The trainable part (ControlNet + projector) as one module for accelerate/DDP; the frozen UNet is passed in
+    at call time so it is not wrapped, sharded or saved with it."""
+
+    def __init__(self, controlnet, projector: IdentityProjector, mask_mode: str = "additive"):
+        super().__init__()
+        self.controlnet = controlnet
+        self.projector = projector
+        self.mask_mode = mask_mode
+
+    def forward(self, unet, noisy_latents, timesteps, text_embeddings, identities: IdentityBatch, masks,
+                control_image):
+        return predict_noise(unet, self.controlnet, self.projector, noisy_latents, timesteps, text_embeddings,
+                             identities, masks, control_image, mask_mode=self.mask_mode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text, control images, export
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, captions: Sequence[str], device=None) -> torch.Tensor:
+    """CLIP last hidden state (after the final layer norm) ``(B, 77, D)``, the context SD1.5 was trained with."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    dev = device if device is not None else next(text_encoder.parameters()).device
+    return text_encoder(ids.to(dev))[0]
+
+
+def control_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """``draw_control_image`` outputs (H×W×3 uint8 RGB) → ``(B, 3, H, W)`` float in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1).float() / 255.0 for i in images])
+
+
+def json_config(config) -> dict:
+    """A diffusers config as plain JSON (tuples → lists, FrozenDict → dict), without diffusers' bookkeeping keys
+    (``_use_default_values``, ``_name_or_path``: local paths)."""
+    cfg = {k: v for k, v in dict(config).items() if k not in ("_use_default_values", "_name_or_path")}
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+def export_checkpoint(path, projector: IdentityProjector, controlnet, face_pack: str, mask_mode: str = "additive",
+                      max_identities: int = 4, controlnet_state: Optional[dict] = None,
+                      extra: Optional[dict] = None) -> None:
+    """Write the pack's checkpoint (schema v1, diffusers ControlNet layout) atomically.
+
+    ``controlnet``: a diffusers ``ControlNetModel`` (config and weights) or its config as a dict (then
+    ``controlnet_state`` is required); ``controlnet_state`` overrides the weights (e.g. EMA weights)."""
+    if isinstance(controlnet, dict):
+        if controlnet_state is None:
+            raise IdentityCountError("export: a ControlNet config dict needs controlnet_state (the weights)")
+        config = json_config(controlnet)
+    else:
+        config = json_config(controlnet.config)
+    state = controlnet_state if controlnet_state is not None else controlnet.state_dict()
+    meta = CheckpointMeta(face_pack=face_pack, projector=projector.config, mask_mode=mask_mode,
+                          controlnet_layout="diffusers", controlnet_config=config,
+                          max_identities=int(max_identities), extra=dict(extra or {}))
+    save_checkpoint(str(path), projector, state, meta)
+
+
+def load_controlnet_from_checkpoint(ckpt):
+    """The diffusers ControlNet of a loaded :class:`InstantFamilyCheckpoint` (diffusers layout), with processors."""
+    from diffusers import ControlNetModel
+    if ckpt.meta.controlnet_layout != "diffusers" or ckpt.meta.controlnet_config is None:
+        raise IdentityCountError("checkpoint: only diffusers-layout ControlNets with a stored config can be rebuilt "
+                                 "here")
+    cfg = {k: v for k, v in ckpt.meta.controlnet_config.items() if not k.startswith("_")}
+    cn = ControlNetModel.from_config(cfg)
+    cn.load_state_dict(ckpt.controlnet, strict=True)
+    install_processors(cn)
+    return cn.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling (validation images)
+
+@torch.no_grad()
+def sample_latents(unet, controlnet, projector, scheduler, text, uncond_text, identities: IdentityBatch, masks,
+                   control, latent_shape, steps: int = 20, guidance: float = 5.0, mask_mode: str = "additive",
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Classifier-free-guided sampling: cond = (text, identity tokens), uncond = (empty text, null tokens in the
+    same slots with the same masks)."""
+    device = text.device
+    latents = torch.randn(latent_shape, generator=generator).to(device, text.dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=device)
+    dropped = IdentityBatch(identities.global_embedding, identities.local_map, identities.present,
+                            torch.ones(text.shape[0], dtype=torch.bool, device=device))
+    tokens = torch.cat([batch_tokens(projector, dropped), batch_tokens(projector, identities)])
+    both_text = torch.cat([uncond_text, text])
+    both_masks = torch.cat([masks, masks])
+    both_control = torch.cat([control, control])
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps = predict_noise(unet, controlnet, projector, inp, t, both_text, tokens, both_masks, both_control,
+                            mask_mode=mask_mode)
+        e_uncond, e_cond = eps.chunk(2)
+        latents = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, latents).prev_sample
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny random setups (tests, train/infer parity)
+
+@torch.no_grad()
+def randomize_zero_init(controlnet, projector: IdentityProjector, seed: int = 0, std: float = 0.02) -> None:
+    """Give the ControlNet's zero convolutions and the projector's null tokens random values, so that a parity
+    check sees non-zero ControlNet residuals and distinct null tokens (a fresh ControlNet adds exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    zero = [m for name, m in controlnet.named_modules()
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out"))
+            and isinstance(m, nn.Conv2d)]
+    for m in zero:
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
+        if m.bias is not None:
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * std)
+    projector.null_tokens.copy_(torch.randn(projector.null_tokens.shape, generator=g))
+
+
+@dataclass
+class TinySetup:
+    """Files and live models of :func:`write_tiny_setup`."""
+
+    folder: object  # pathlib.Path
+    config_dir: object  # SD1.5-layout tiny configs + tiny tokenizer (``tokenizer/``)
+    single_file: object  # SD1.5 single-file checkpoint (LDM layout): UNet + VAE + text encoder
+    diffusers_dir: object  # the same as a diffusers folder, or None
+    checkpoint: object  # the exported InstantFamily checkpoint (projector + ControlNet, schema v1)
+    components: object  # training.sd15.SD15Components
+    controlnet: object
+    projector: IdentityProjector
+
+
+def write_tiny_setup(folder, seed: int = 0, unet: Optional[dict] = None, vae: Optional[dict] = None,
+                     text_encoder: Optional[dict] = None, projector: Optional[ProjectorConfig] = None,
+                     mask_mode: str = "additive", max_identities: int = 4, face_pack: str = "tinypack",
+                     diffusers_folder: bool = False) -> TinySetup:
+    """Random tiny SD1.5-architecture models, written as a base checkpoint and an InstantFamily export.
+
+    ``unet`` / ``vae`` / ``text_encoder`` override :data:`training.sd15.TINY_UNET` etc. (e.g.
+    ``unet={"block_out_channels": [320, 640]}`` for ComfyUI's SD1.5 detection, which needs 320 channels). The
+    ControlNet starts from the UNet and gets random zero-convs (:func:`randomize_zero_init`); the projector
+    defaults to ``ProjectorConfig(hidden_dim=64)`` (512-d global, 512×7×7 local, 768-d tokens)."""
+    from pathlib import Path
+
+    from training import sd15
+    out = Path(folder)
+    cfg_dir = sd15.write_tiny_config_dir(out / "config", unet, vae, text_encoder)
+    comps = sd15.build_from_configs(cfg_dir, seed=seed)
+    torch.manual_seed(seed + 1)
+    cn = make_controlnet(comps.unet).eval()
+    proj = IdentityProjector(projector or ProjectorConfig(hidden_dim=64)).eval()
+    randomize_zero_init(cn, proj, seed + 2)
+    single = sd15.save_single_file(comps, out / "tiny-sd15.safetensors")
+    ddir = sd15.save_diffusers(comps, out / "tiny-sd15-diffusers") if diffusers_folder else None
+    ckpt = out / "instantfamily-tiny.safetensors"
+    export_checkpoint(ckpt, proj, cn, face_pack, mask_mode, max_identities)
+    return TinySetup(out, cfg_dir, single, ddir, ckpt, comps, cn, proj)
