@@ -4,7 +4,7 @@
     accelerate launch training/train.py --base v1-5-pruned-emaonly.safetensors --tokenizer <clip tokenizer> \
         --data data/shards --output runs/if [--mixed-precision bf16] [--gradient-checkpointing] [--resume]
 
-Single process (CPU or one GPU): ``python training/train.py ...``. See ``training/TRAINING.md``.
+Single process (CPU or one GPU): ``python training/train.py ...``. See ``README.md (Training CLI)``.
 """
 
 from __future__ import annotations

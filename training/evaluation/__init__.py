@@ -1,1 +1,1 @@
-"""Evaluation of generated multi-identity images (``training/evaluate.py``): see ``training/EVALUATE.md``."""
+"""Evaluation of generated multi-identity images (``training/evaluate.py``): see ``README.md (Evaluation CLI)``."""
