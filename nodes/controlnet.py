@@ -9,7 +9,6 @@ other ControlNets are untouched, and the object chains with ControlNets applied 
 
 from __future__ import annotations
 
-import torch
 
 import comfy.cldm.cldm
 import comfy.controlnet
@@ -21,7 +20,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from instantfamily_core.errors import CheckpointError
 
-from .patch import InstantFamilyAttention, cross_attention_blocks
+from .patch import Attn2Hook, InstantFamilyAttention, attn2_modules
 
 DIFFUSERS_HINT_CHANNELS = [16, 32, 96, 256]  # what cldm's input_hint_block is built with
 
@@ -54,12 +53,13 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
     """A ComfyUI ControlNet carrying InstantFamily's attention state (``self.instantfamily``)."""
 
     instantfamily: InstantFamilyAttention | None = None
-    _block_keys: list | None = None
+    _hook: Attn2Hook | None = None
 
-    def block_keys(self) -> list:
-        if self._block_keys is None:
-            self._block_keys = cross_attention_blocks(self.control_model)
-        return self._block_keys
+    def hook(self) -> Attn2Hook:
+        """This copy's attn2 hook, bound to the control model's own attention modules."""
+        if self._hook is None or self._hook.state is not self.instantfamily:
+            self._hook = Attn2Hook(self.instantfamily, attn2_modules(self.control_model))
+        return self._hook
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         state = self.instantfamily
@@ -67,8 +67,8 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
             return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
         opts = {k: transformer_options[k] for k in ("cond_or_uncond", "uuids", "sigmas", "sample_sigmas")
                 if k in transformer_options}
-        opts["patches"] = {"attn2_patch": [state.extend_context]}
-        opts["patches_replace"] = {"attn2": {key: state for key in self.block_keys()}}
+        hook = self.hook()
+        opts["patches_replace"] = {"attn2": {key: hook for key in hook.modules}}
         self.extra_args["transformer_options"] = opts
         try:
             return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
@@ -82,7 +82,6 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
         c.control_model_wrapped = self.control_model_wrapped
         self.copy_to(c)
         c.instantfamily = self.instantfamily
-        c._block_keys = self._block_keys
         return c
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -105,8 +105,8 @@ def test_sampling_runs_with_unet_and_controlnet_patched(host, ifmodel, n):
     model = tiny_sd15()
     seen = []
     patched, pos, neg = apply(host, ifmodel, model, n)
-    state = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-    spy = next(iter(state.values()))
+    hook = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    spy = hook.state
     original = spy.attention.__call__
 
     class Spy:
@@ -124,26 +124,36 @@ def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, 
     nodes, _, m = host
     model = tiny_sd15()
     patched, pos, neg = apply(host, ifmodel, model, 2)
-    state = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    state = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())).state
     calls = []
-    inner = state.__class__.__call__
+    inner = state.attention
 
-    class Recording(state.__class__):
-        def __call__(self, q, k, v, extra_options):
-            calls.append((extra_options["block"][0], extra_options["block"][1], extra_options["block_index"]))
-            return inner(self, q, k, v, extra_options)
-    state.__class__ = Recording
+    class Recording:
+        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
+            calls.append(tuple(feature_hw))
+            return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
+    hooks = []
+    original_call = m["patch"].Attn2Hook.__call__
+
+    def recording_call(self, q, k, v, extra_options):
+        hooks.append((id(self), (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])))
+        return original_call(self, q, k, v, extra_options)
+    state.attention = Recording()
+    m["patch"].Attn2Hook.__call__ = recording_call
     try:
         sample(nodes, patched, pos, neg, steps=1)
     finally:
-        state.__class__ = m["patch"].InstantFamilyAttention
-    unet_keys = set(m["patch"].cross_attention_blocks(model.model.diffusion_model))
-    cn_keys = set(m["patch"].cross_attention_blocks(ifmodel.controlnet.control_model))
+        m["patch"].Attn2Hook.__call__ = original_call
+        state.attention = inner
+    unet_keys = set(m["patch"].attn2_modules(model.model.diffusion_model))
+    cn_keys = set(m["patch"].attn2_modules(ifmodel.controlnet.control_model))
     assert unet_keys and cn_keys
-    assert set(calls) == unet_keys | cn_keys
-    # one euler step = one batched cond+uncond call: every input block runs once in the UNet and once in the
-    # ControlNet, so the ControlNet really runs the hooks (its keys are a subset of the UNet's)
-    assert sum(1 for c in calls if c[0] == "input") == 2 * len([k for k in unet_keys if k[0] == "input"])
+    by_hook: dict = {}
+    for hook_id, key in hooks:
+        by_hook.setdefault(hook_id, []).append(key)
+    # one euler step = one batched cond+uncond call: two hooks (UNet, ControlNet), each on every one of its blocks
+    assert sorted(sorted(v) for v in by_hook.values()) == sorted([sorted(unet_keys), sorted(cn_keys)])
+    assert len(calls) == len(unet_keys) + len(cn_keys)  # and each ran the masked attention
 
 
 def _block_outputs(m, model, state, x_hw=(8, 8), seed=0):
@@ -165,8 +175,8 @@ def _block_outputs(m, model, state, x_hw=(8, 8), seed=0):
                     opts = {"block": (name, number), "block_index": idx, "cond_or_uncond": [0, 1],
                             "activations_shape": [2, c, *x_hw]}
                     if state is not None:
-                        opts["patches"] = {"attn2_patch": [state.extend_context]}
-                        opts["patches_replace"] = {"attn2": {(name, number, idx): state}}
+                        hook = m["patch"].Attn2Hook(state, {(name, number, idx): tb.attn2})
+                        opts["patches_replace"] = {"attn2": {(name, number, idx): hook}}
                     with torch.no_grad():
                         outs[(name, number, idx)] = (tb(x, context=text, transformer_options=opts), x, text, opts)
     return outs
@@ -222,8 +232,10 @@ def test_full_mask_equals_plain_attention_over_the_stack_in_comfy_blocks(host, b
         ctx = torch.cat([text, torch.stack([tokens[0], null])], dim=1)
         with torch.no_grad():
             ref = _plain_block(tb, x, ctx, fn)
-        assert torch.equal(out, ref), key
-        assert not torch.equal(out, plain[key][0])  # the identities did change something
+        # identity keys/values are projected apart from the text's (once per run): the same numbers up to
+        # float rounding of the matrix products
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out, plain[key][0], atol=1e-3)  # the identities did change something
 
 
 def _find_block(model, key):

@@ -1,6 +1,5 @@
 """Embedding stack layout, projector shapes and the checkpoint schema."""
 
-import json
 
 import pytest
 import torch

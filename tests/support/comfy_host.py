@@ -34,14 +34,14 @@ def find_comfyui() -> Optional[Path]:
 _IMPORTED: dict = {}
 
 
-def import_host(extra_args: tuple = ()):
-    """Import ComfyUI in this process (once) with ``--cpu`` and return its ``nodes`` module."""
+def import_host(extra_args: tuple = (), cpu: bool = True):
+    """Import ComfyUI in this process (once; ``--cpu`` unless ``cpu=False``) and return its ``nodes`` module."""
     if "nodes" in _IMPORTED:
         return _IMPORTED["nodes"]
     root = find_comfyui()
     if root is None:
         raise RuntimeError(HOW_TO_PROVIDE)
-    sys.argv = ["main.py", "--cpu", "--disable-all-custom-nodes", *extra_args]
+    sys.argv = ["main.py", *(["--cpu"] if cpu else []), "--disable-all-custom-nodes", *extra_args]
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import comfy.options

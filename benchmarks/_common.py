@@ -1,0 +1,245 @@
+"""Shared helpers of the benchmark scripts: the ComfyUI host, random SD1.5-shaped models, statistics, tables.
+
+The host is found and imported with the tests' helpers (``tests/support/comfy_host.py``: ``COMFYUI_PATH``, this pack
+inside ``ComfyUI/custom_nodes``, or ``~/comfy/ComfyUI``) and the pack is loaded through ComfyUI's own custom-node
+loader, so every benchmark runs the pack's real node code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "tests"))
+from support.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------------
+# host
+
+_HOST: dict = {}
+
+
+def load_host(device: str = "cpu", extra_args: Sequence[str] = ()):
+    """Import ComfyUI in this process (``--cpu`` for ``device == "cpu"``) and load this pack through ComfyUI's
+    custom-node loader (the tests' host helpers); return ``(nodes, mods)``, ``mods`` the pack's node modules."""
+    if _HOST:
+        return _HOST["nodes"], _HOST["mods"]
+    if find_comfyui() is None:
+        sys.exit(HOW_TO_PROVIDE)
+    import logging
+    nodes = import_host(tuple(extra_args), cpu=device == "cpu")
+    name = load_pack().__name__
+    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI logs every model load at INFO
+    mods = {m: sys.modules[f"{name}.nodes.{m}"] for m in ("patch", "controlnet", "model_nodes")}
+    _HOST.update(nodes=nodes, mods=mods)
+    return nodes, mods
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD1.5-shaped random models built with ComfyUI's own classes
+
+SD15_FULL = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+             "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+"""SD1.5's UNet config as ComfyUI detects it (``SD15`` adds ``num_heads = 8``, ``num_head_channels = -1``)."""
+
+
+def unet_config(model_channels: int = 320, num_heads: int = 8) -> dict:
+    """SD1.5's topology (4 levels, 2 res blocks, 16 cross-attentions, context 768) at a given width and head count
+    (SD1.5: 320 channels, 8 heads → head dims 40/80/160; a narrower model keeps realistic head dims with fewer
+    heads, e.g. 64 channels and 2 heads → 32/64/128)."""
+    cfg = dict(SD15_FULL)
+    cfg["model_channels"] = int(model_channels)
+    cfg["num_heads"] = int(num_heads)
+    cfg["num_head_channels"] = -1
+    return cfg
+
+
+def randomise(module, seed: int, std: float = 0.02):
+    """ComfyUI layers allocate with ``torch.empty``: fill them in place on their device (seeded normal for weights
+    and biases, 1 for norm weights)."""
+    import torch
+    with torch.no_grad():
+        for i, (name, p) in enumerate(module.named_parameters()):
+            if p.ndim <= 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
+                p.normal_(0.0, std, generator=g)
+    return module
+
+
+def build_unet(cfg: dict, dtype, device: str, seed: int = 0):
+    """A ``ModelPatcher`` around a random SD1.5-architecture UNet (``comfy.supported_models.SD15``)."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    mc = comfy.supported_models.SD15(dict(cfg))
+    mc.unet_config.update(num_heads=cfg.get("num_heads", 8), num_head_channels=-1)  # SD15 forces 8 heads
+    mc.set_inference_dtype(dtype, None)
+    base = mc.get_model({}, device=torch.device(device))
+    randomise(base.diffusion_model, seed)
+    base.diffusion_model.to(torch.device(device))
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_instantfamily(mods: dict, cfg: dict, dtype, seed: int = 1, mask_mode: str = "additive"):
+    """An ``InstantFamilyModel`` (the loader node's output) with a random ControlNet of the UNet's shape, built
+    through the pack's ``build_controlnet`` (ldm layout), and a random identity projector (50 tokens per ID)."""
+    import torch
+    import comfy.cldm.cldm
+    import comfy.ops
+    from instantfamily_core.checkpoint import CheckpointMeta
+    from instantfamily_core.projector import IdentityProjector, ProjectorConfig
+    cn_cfg = {k: v for k, v in cfg.items() if k not in ("out_channels", "transformer_depth_output",
+                                                           "use_temporal_attention", "use_temporal_resblock")}
+    cn_cfg.update(hint_channels=3, num_heads=cfg.get("num_heads", 8), num_head_channels=-1)
+    with torch.device("meta"):
+        shapes = comfy.cldm.cldm.ControlNet(**cn_cfg, operations=comfy.ops.disable_weight_init).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in shapes.items():
+        if v.ndim <= 1 and "norm" in k and k.endswith("weight"):
+            sd[k] = torch.ones(v.shape, dtype=dtype)
+        else:
+            sd[k] = (torch.randn(v.shape, generator=g) * 0.02).to(dtype)
+    cn = mods["controlnet"].build_controlnet(sd, "ldm", cn_cfg, "bench_controlnet")
+    del sd
+    pc = ProjectorConfig(global_dim=512, local_dim=512, grid=7, token_dim=cfg["context_dim"], hidden_dim=256)
+    torch.manual_seed(seed)
+    projector = IdentityProjector(pc).eval()
+    meta = CheckpointMeta(face_pack="", projector=pc, mask_mode=mask_mode, controlnet_layout="ldm",
+                          controlnet_config=cn_cfg)
+    return mods["model_nodes"].InstantFamilyModel(projector, cn, meta, "bench")
+
+
+def identities(n: int, seed: int = 0):
+    import torch
+    from instantfamily_core.identity import IdentityFeatures
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        e = torch.randn(512, generator=g)
+        out.append(IdentityFeatures(e / e.norm(), torch.randn(512, 7, 7, generator=g), name=f"p{i}"))
+    return out
+
+
+def face_masks(n: int, height: int, width: int):
+    """``(n, H, W)`` face-sized boxes on a grid (one per identity, like PoseToMasks' face masks)."""
+    import math
+    import torch
+    masks = torch.zeros(n, height, width)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    ch, cw = height / rows, width / cols
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y0, x0 = int(r * ch + ch * 0.2), int(c * cw + cw * 0.25)
+        masks[i, y0:max(int(y0 + ch * 0.5), y0 + 1), x0:max(int(x0 + cw * 0.5), x0 + 1)] = 1.0
+    return masks
+
+
+def conditioning(seed: int, length: int = 77, dim: int = 768):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, length, dim, generator=g), {}]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics, memory, environment
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    s = sorted(samples)
+    if not s:
+        return {"n": 0}
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
+    return {"n": len(s), "median": statistics.median(s), "p25": q[0], "p75": q[2], "iqr": q[2] - q[0],
+            "min": s[0], "max": s[-1], "mean": statistics.fmean(s)}
+
+
+def peak_rss_mib() -> float:
+    """Process peak resident set size (high-water mark, never decreases), MiB. Coarse."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
+
+
+def current_rss_mib() -> float:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
+    except ImportError:
+        return float("nan")
+
+
+def environment(device: str) -> dict:
+    import torch
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads()}
+    try:
+        import comfyui_version  # type: ignore
+        env["comfyui"] = comfyui_version.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    env["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class Timer:
+    """Wall-clock timer that synchronises CUDA first when timing a GPU."""
+
+    def __init__(self, device: str):
+        import torch
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def write_outputs(out_dir: Optional[str], stem: str, markdown: str, data: dict) -> None:
+    print(markdown)
+    if not out_dir:
+        return
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{stem}.md").write_text(markdown + "\n", encoding="utf-8")
+    (d / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nwrote {d / (stem + '.md')} and {d / (stem + '.json')}")
