@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end on tiny settings and write their tables (no timing is asserted here:
+timing belongs to the benchmarks themselves, see README → Benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+RUNS = {
+    "results": ["bench_step.py", "--device", "cpu", "--n", "1,2", "--modes", "additive,paper", "--repeats", "1",
+                "--steps", "2", "--channels", "32", "--latent", "8"],
+    "overhead": ["bench_overhead.py", "--n", "1,2", "--steps", "2", "--latents", "8,12", "--calls", "23"],
+    "faces": ["bench_faces.py", "--repeats", "1", "--count", "2", "--faces", "2"],
+    "train_step": ["bench_train_step.py", "--n", "2", "--modes", "additive", "--repeats", "1", "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_benchmark_script_runs_and_writes_its_tables(name, tmp_path):
+    script, *args = RUNS[name]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / f"{name}.md").read_text()
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert "| --- |" in md and "environment" in data
