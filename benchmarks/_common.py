@@ -167,6 +167,18 @@ def conditioning(seed: int, length: int = 77, dim: int = 768):
 # statistics, memory, environment
 
 
+def alternate_rounds(configs: list, repeats: int, measure, t_start: float) -> None:
+    """Measure every config once per round, alternating the order (A B C, then C B A, …) so drift on a shared
+    machine hits all configs alike; ``measure(c)`` returns that round's step times, collected in ``c["steps"]``
+    and, as the round's median, in ``c["rounds"]``."""
+    for r in range(repeats):
+        for c in (configs if r % 2 == 0 else configs[::-1]):
+            times = measure(c)
+            c["steps"] += times
+            c["rounds"].append(statistics.median(times))
+        print(f"round {r + 1}/{repeats} done ({time.perf_counter() - t_start:.1f}s)", flush=True)
+
+
 def summarize(samples: Sequence[float]) -> dict:
     s = sorted(samples)
     if not s:

@@ -162,14 +162,11 @@ def main(argv=None):
             c["peak_mib"] = C.peak_rss_mib()
         c["steps"], c["rounds"], c["other"] = [], [], []
     print(f"warm-up done in {time.perf_counter() - t_start:.1f}s", flush=True)
-    for r in range(spec["repeats"]):
-        order = configs if r % 2 == 0 else configs[::-1]
-        for c in order:
-            times, other = run(c)
-            c["steps"] += times
-            c["other"] += other
-            c["rounds"].append(statistics.median(times))
-        print(f"round {r + 1}/{spec['repeats']} done ({time.perf_counter() - t_start:.1f}s)", flush=True)
+    def measure(c) -> list[float]:
+        times, other = run(c)
+        c["other"] += other
+        return times
+    C.alternate_rounds(configs, spec["repeats"], measure, t_start)
     total_s = time.perf_counter() - t_start
 
     base = configs[0]

@@ -146,12 +146,7 @@ def main(argv=None):
         if args.device == "cpu":
             c["peak_mib"] = C.peak_rss_mib()
         c["steps"], c["rounds"] = [], []
-    for r in range(args.repeats):
-        for c in (configs if r % 2 == 0 else configs[::-1]):
-            t = run(c, args.steps)
-            c["steps"] += t
-            c["rounds"].append(statistics.median(t))
-        print(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - t_start:.1f}s)", flush=True)
+    C.alternate_rounds(configs, args.repeats, lambda c: run(c, args.steps), t_start)
     total_s = time.perf_counter() - t_start
 
     base = configs[0]
