@@ -21,6 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from instantfamily_core.attention import MaskedCrossAttention
+from instantfamily_core.errors import MaskError
+
+ASPECT_TOLERANCE = 0.05
 
 
 def comfy_attention(extra_options: dict) -> Callable:
@@ -46,6 +49,7 @@ class InstantFamilyAttention:
         self.tokens = tokens.detach()
         self.null_tokens = null_tokens.detach()
         self.attention = attention
+        self.mask_hw = tuple(int(v) for v in attention.masks.shape[-2:])
         self.sigma_range = sigma_range
         self.attention_fn = attention_fn
         self._gate: tuple = (None, True)
@@ -56,6 +60,18 @@ class InstantFamilyAttention:
     @property
     def num_identities(self) -> int:
         return int(self.tokens.shape[0])
+
+    def check_latent(self, original_shape) -> None:
+        """Masks are resized to each feature map by stretching: their aspect ratio must be the latent's, or faces
+        would land beside their masks (and beside the ControlNet's centre-cropped pose image)."""
+        if not original_shape or self.num_identities == 0:
+            return
+        lh, lw = int(original_shape[-2]), int(original_shape[-1])
+        mh, mw = self.mask_hw
+        if abs((mw / mh) / (lw / lh) - 1) > ASPECT_TOLERANCE:
+            raise MaskError(f"masks: {mw}×{mh} px (aspect {mw / mh:.2f}) but the latent is {lw * 8}×{lh * 8} px "
+                            f"(aspect {lw / lh:.2f}); make the pose and masks at the generation size (set width and "
+                            "height of 'InstantFamily Pose to Masks' to the latent's)")
 
     def active(self, extra_options: dict) -> bool:
         """Whether identities act at this call's sigma (evaluated once per sigma tensor: one device sync per
@@ -105,9 +121,10 @@ class Attn2Hook:
     def __deepcopy__(self, memo):
         return self
 
-    def _identity_kv(self, key, like: torch.Tensor, run):
+    def _identity_kv(self, key, like: torch.Tensor, run, original_shape=None):
         """Keys/values of the identity and null tokens through this block's projections, once per run."""
         if self._run is not run:
+            self.state.check_latent(original_shape)
             self._run, self._kv, self._rows = run, {}, {}
         ck = (key, like.device, like.dtype)
         if ck not in self._kv:
@@ -122,7 +139,8 @@ class Attn2Hook:
         chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
         rows = k.shape[0]
         ck = (key, chunks, rows, k.device, k.dtype)
-        kr, vr, kn, vn = self._identity_kv(key, k, extra_options.get("sample_sigmas"))
+        kr, vr, kn, vn = self._identity_kv(key, k, extra_options.get("sample_sigmas"),
+                                           extra_options.get("original_shape"))
         if ck not in self._rows:
             per = max(1, rows // len(chunks))
             uncond = [chunks[min(i // per, len(chunks) - 1)] == 1 for i in range(rows)]

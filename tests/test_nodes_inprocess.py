@@ -351,3 +351,14 @@ def test_pose_to_masks_node_outputs_and_errors(host):
     _, got, _ = node.run(identities(3), "none (use pose_keypoint)", 64, 64, 0.25, "auto",
                          pose_keypoint=pose_for(3), masks=user)
     assert got.shape == (3, 64, 64) and got[:, :16, :16].min() == 1 and got[:, 20:, 20:].max() == 0
+
+
+def test_masks_of_another_aspect_ratio_than_the_latent_are_refused_at_sampling(host, ifmodel):
+    from support.comfy_models import tiny_sd15
+    from instantfamily_core.errors import MaskError
+    nodes, _, _ = host
+    patched, pos, neg = apply(host, ifmodel, tiny_sd15(), 2)  # pose and masks 128×128
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+    with pytest.raises(MaskError, match=r"aspect 1.00\) but the latent is 192×128"):
+        nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", pos, neg, latent)
+    assert torch.isfinite(sample(nodes, patched, pos, neg, steps=1)).all()  # the same patch at a square latent
