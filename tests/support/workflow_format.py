@@ -56,6 +56,15 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def _node_height(class_type: str, inputs: int, outputs: int, widgets: int) -> int:
+    """A height that shows every slot and widget (image loaders also show their preview)."""
+    if class_type == "LoadImage":
+        return 360
+    if class_type in ("CLIPTextEncode",):
+        return 160
+    return 40 + 24 * max(inputs, outputs) + 26 * widgets
+
+
 def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None) -> dict:
     """A loadable UI workflow from an API prompt (nodes laid out in columns by dependency depth)."""
     extra_values = extra_values or {}
@@ -95,10 +104,11 @@ def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None)
             elif not _is_widget(spec):
                 ins.append({"name": name, "type": spec[0], "link": None})
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 340 * col, 40 + 260 * row],
-                      "size": [300, 200], "flags": {}, "order": 0, "mode": 0, "inputs": ins,
+        height = _node_height(node["class_type"], len(ins), len(info["output"]), len(widgets))
+        y = rows.get(col, 40)
+        rows[col] = y + height + 60
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 420 * col, y],
+                      "size": [360, height], "flags": {}, "order": 0, "mode": 0, "inputs": ins,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
                       "_outputs": info["output"], "_names": info.get("output_name", info["output"])})
     for order, n in enumerate(nodes):
