@@ -362,3 +362,24 @@ def test_masks_of_another_aspect_ratio_than_the_latent_are_refused_at_sampling(h
     with pytest.raises(MaskError, match=r"aspect 1.00\) but the latent is 192×128"):
         nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", pos, neg, latent)
     assert torch.isfinite(sample(nodes, patched, pos, neg, steps=1)).all()  # the same patch at a square latent
+
+
+def test_identity_keys_go_through_lora_patched_weights(host, ifmodel):
+    """LoRA-style weight patches (ModelPatcher.add_patches) reach the identity keys: they are projected during
+    sampling, after ComfyUI has patched the weights, and again at the next run."""
+    from support.comfy_models import tiny_sd15
+    nodes, _, _ = host
+    model = tiny_sd15()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weight = model.model.state_dict()[key].clone()
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    lora = model.clone()
+    lora.add_patches({key: (delta,)}, 1.0)
+    patched, pos, neg = apply(host, ifmodel, lora, 1)
+    hook = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    sample(nodes, patched, pos, neg, steps=1)
+    cached = [v for k, v in hook._kv.items() if k[0] == ("input", 1, 0)]
+    assert len(cached) == 1
+    tokens = hook.state.tokens.flatten(0, 1)
+    torch.testing.assert_close(cached[0][0], tokens @ (weight + delta).t(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(cached[0][0], tokens @ weight.t(), atol=1e-3)
