@@ -46,16 +46,8 @@ class PoseFrame:
     def scaled(self, width: int, height: int) -> "PoseFrame":
         """The same people on a ``width×height`` canvas (each axis stretched independently)."""
         sx, sy = width / self.width, height / self.height
-
-        def sc(a):
-            if a is None:
-                return None
-            a = a.copy()
-            a[:, 0] *= sx
-            a[:, 1] *= sy
-            return a
-
-        return PoseFrame(width, height, tuple(Person(sc(p.body), sc(p.face)) for p in self.people))
+        return PoseFrame(width, height, tuple(Person(_scale(p.body, sx, sy), _scale(p.face, sx, sy))
+                                              for p in self.people))
 
 
 def _points(raw, name: str, what: str) -> Optional[np.ndarray]:
@@ -129,12 +121,13 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
     return PoseFrame(width, height, tuple(people))
 
 
-def _scale(a, w, h):
+def _scale(a: Optional[np.ndarray], sx: float, sy: float) -> Optional[np.ndarray]:
+    """A copy of keypoints ``a`` (K, 3) with x multiplied by ``sx`` and y by ``sy``."""
     if a is None:
         return None
     a = a.copy()
-    a[:, 0] *= w
-    a[:, 1] *= h
+    a[:, 0] *= sx
+    a[:, 1] *= sy
     return a
 
 
