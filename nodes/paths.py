@@ -8,6 +8,8 @@ import os
 
 import folder_paths
 
+from instantfamily_core.faces import list_packs
+
 CHECKPOINTS = "instantfamily"
 IDENTITIES = "instantfamily_identities"
 INSIGHTFACE = "insightface"
@@ -36,16 +38,9 @@ def insightface_roots() -> list[str]:
 
 
 def face_packs() -> list[str]:
-    """Pack names found as ``<root>/models/<pack>/`` (folders holding .onnx files) in every insightface root."""
-    packs = set()
-    for root in insightface_roots():
-        base = os.path.join(root, "models")
-        if os.path.isdir(base):
-            for d in os.listdir(base):
-                full = os.path.join(base, d)
-                if os.path.isdir(full) and any(f.endswith(".onnx") or os.path.isdir(os.path.join(full, f))
-                                               for f in os.listdir(full)):
-                    packs.add(d)
+    """Pack names found as ``<root>/models/<pack>/`` in every insightface root (nested packs included, so
+    choosing one reports how to fix it)."""
+    packs = {p for root in insightface_roots() for p in list_packs(root, include_nested=True)}
     return sorted(packs) or ["antelopev2"]
 
 

@@ -66,13 +66,17 @@ def _onnx_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.onnx") if p.is_file())
 
 
-def list_packs(root: str | os.PathLike) -> list[str]:
-    """Names of the folders under ``<root>/models`` that contain ``.onnx`` files (sorted); ``[]`` if none."""
+def list_packs(root: str | os.PathLike, include_nested: bool = False) -> list[str]:
+    """Names of the folders under ``<root>/models`` that contain ``.onnx`` files (sorted); ``[]`` if none.
+
+    ``include_nested`` also lists folders whose ``.onnx`` files sit one level too deep (``antelopev2/antelopev2/``),
+    so a UI can offer them and :func:`resolve_pack` can say how to fix them."""
     base = models_dir(root)
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and _onnx_files(p))
+                  if p.is_dir() and not p.name.startswith(".")
+                  and (_onnx_files(p) or include_nested and _nested_dirs(p)))
 
 
 def _check_pack_name(pack: str) -> None:
