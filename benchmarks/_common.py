@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
 
 sys.path.insert(0, str(REPO / "tests"))
 from support.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
+from support.identities import random_identities as identities  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------------------------
 # host
@@ -129,17 +130,6 @@ def build_instantfamily(mods: dict, cfg: dict, dtype, seed: int = 1, mask_mode: 
     meta = CheckpointMeta(face_pack="", projector=pc, mask_mode=mask_mode, controlnet_layout="ldm",
                           controlnet_config=cn_cfg)
     return mods["model_nodes"].InstantFamilyModel(projector, cn, meta, "bench")
-
-
-def identities(n: int, seed: int = 0):
-    import torch
-    from instantfamily_core.identity import IdentityFeatures
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        e = torch.randn(512, generator=g)
-        out.append(IdentityFeatures(e / e.norm(), torch.randn(512, 7, 7, generator=g), name=f"p{i}"))
-    return out
 
 
 def face_masks(n: int, height: int, width: int):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from support.identities import random_identities
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -34,14 +35,7 @@ def ifmodel(host, tmp_path_factory):
 
 
 def identities(n, seed=0):
-    from instantfamily_core.identity import IdentityFeatures
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        e = torch.randn(512, generator=g)
-        out.append(IdentityFeatures(e / e.norm(), torch.randn(512, 7, 7, generator=g), name=f"p{i}",
-                                    face_pack="tinypack"))
-    return out
+    return random_identities(n, seed, face_pack="tinypack")
 
 
 def pose_for(n, w=128, h=128):

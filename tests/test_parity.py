@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from support.identities import random_identities
 
 pytest.importorskip("diffusers", reason="the training side needs diffusers: pip install diffusers accelerate")
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
@@ -34,13 +35,7 @@ def sides(tmp_path_factory):
 
 
 def _identities(n):
-    from instantfamily_core.identity import IdentityFeatures
-    g = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(n):
-        e = torch.randn(512, generator=g)
-        out.append(IdentityFeatures(e / e.norm(), torch.randn(512, 7, 7, generator=g), name=f"p{i}"))
-    return out
+    return random_identities(n, seed=11)
 
 
 def _comfy_eps(model, ifmodel, nodes, ids, pose_image, masks, text, x, sigma, mode):
