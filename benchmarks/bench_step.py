@@ -65,6 +65,8 @@ def parse_args(argv=None):
                    help="what the ratios use: wall-clock, or this process's CPU time (immune to other processes "
                         "taking the cores; only meaningful with 1 thread). auto = cpu on --device cpu with 1 thread, "
                         "else wall")
+    p.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed (smoke runs "
+                   "on tiny settings, where timings mean nothing)")
     p.add_argument("--out", default=None, help="folder for results.md + results.json")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 2:
@@ -227,7 +229,7 @@ def main(argv=None):
                      f"(paired {v['paired_ratio']:.3f}×, {clock} time): **{'met' if v['met'] else 'NOT met'}**")
     C.write_outputs(args.out, "results", "\n".join(lines),
                     {"environment": env, "results": results, "targets": verdicts})
-    return 0 if all(v["met"] for v in verdicts) else 1
+    return 0 if args.report_only or all(v["met"] for v in verdicts) else 1
 
 
 if __name__ == "__main__":

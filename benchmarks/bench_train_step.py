@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed training steps per config per round")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed (smoke runs "
+                   "on tiny settings, where timings mean nothing)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -185,7 +187,7 @@ def main(argv=None):
                   f"text-only ControlNet step {v['vs_text']:.3f}×")
     C.write_outputs(args.out, "train_step", "\n".join(md), {"environment": env, "results": results,
                                                             "targets": verdicts})
-    return 0 if all(v["met"] for v in verdicts) else 1
+    return 0 if args.report_only or all(v["met"] for v in verdicts) else 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny settings and write their tables (no timing is asserted here:
-timing belongs to the benchmarks themselves, see README → Benchmarks)."""
+``--report-only`` keeps a missed timing target from failing the run; timing belongs to the benchmarks
+themselves, see README → Benchmarks). bench_overhead's exit code checks bias builds per resolution, a count."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
 RUNS = {
     "results": ["bench_step.py", "--device", "cpu", "--n", "1,2", "--modes", "additive,paper", "--repeats", "1",
-                "--steps", "2", "--channels", "32", "--latent", "8"],
+                "--steps", "2", "--channels", "32", "--latent", "8", "--report-only"],
     "overhead": ["bench_overhead.py", "--n", "1,2", "--steps", "2", "--latents", "8,12", "--calls", "23"],
     "faces": ["bench_faces.py", "--repeats", "1", "--count", "2", "--faces", "2"],
-    "train_step": ["bench_train_step.py", "--n", "2", "--modes", "additive", "--repeats", "1", "--steps", "1"],
+    "train_step": ["bench_train_step.py", "--n", "2", "--modes", "additive", "--repeats", "1", "--steps", "1",
+                   "--report-only"],
 }
 
 
