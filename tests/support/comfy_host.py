@@ -1,20 +1,27 @@
 """Finding and importing the real ComfyUI host for tests, and loading this pack into it the way ComfyUI does.
 
 The host is found via ``COMFYUI_PATH``, or this pack sitting in ``ComfyUI/custom_nodes``, or comfy-cli's default
-workspace ``~/comfy/ComfyUI``. Without one, host tests skip with :data:`HOW_TO_PROVIDE`.
+workspace ``~/comfy/ComfyUI``, or the read-only ComfyUI source tree in ``../shared/hosts`` (copied to a cache folder
+before use; the tree itself is never written). Without one, host tests skip with :data:`HOW_TO_PROVIDE` — except
+under ``CI=true``, where ``tests/conftest.py`` turns a missing host (and any skip) into a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
+SHARED_HOST = REPO.parent / "shared" / "hosts" / "ComfyUI-0.3.64"
 HOW_TO_PROVIDE = ("no ComfyUI host found: set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed), "
-                  "or put this pack in ComfyUI/custom_nodes, or lay ComfyUI out at ~/comfy/ComfyUI")
+                  "or put this pack in ComfyUI/custom_nodes, or lay ComfyUI out at ~/comfy/ComfyUI, "
+                  f"or provide the source tree {SHARED_HOST}")
 
 
 def _is_host(p: Path) -> bool:
@@ -28,7 +35,32 @@ def find_comfyui() -> Optional[Path]:
     if REPO.parent.name == "custom_nodes":
         candidates.append(REPO.parent.parent)
     candidates.append(Path.home() / "comfy" / "ComfyUI")
-    return next((c.resolve() for c in candidates if _is_host(c)), None)
+    found = next((c.resolve() for c in candidates if _is_host(c)), None)
+    if found is None and _is_host(SHARED_HOST):
+        found = copy_shared_host()
+    return found
+
+
+def copy_shared_host() -> Path:
+    """A writable copy of the read-only shared host tree (made once, atomically; the same place ``.ci/run`` uses)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instantfamily" / "hosts"
+    dest = cache / SHARED_HOST.name
+    if _is_host(dest):
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=cache)) / SHARED_HOST.name
+    shutil.copytree(SHARED_HOST, tmp, symlinks=True)
+    for d, _, files in os.walk(tmp):
+        for name in (d, *(os.path.join(d, f) for f in files)):
+            if not os.path.islink(name):
+                os.chmod(name, os.stat(name).st_mode | stat.S_IWUSR)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    else:
+        tmp.parent.rmdir()
+    return dest
 
 
 _IMPORTED: dict = {}
