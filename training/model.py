@@ -220,11 +220,16 @@ def load_controlnet_from_checkpoint(ckpt):
 @torch.no_grad()
 def sample_latents(unet, controlnet, projector, scheduler, text, uncond_text, identities: IdentityBatch, masks,
                    control, latent_shape, steps: int = 20, guidance: float = 5.0, mask_mode: str = "additive",
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Classifier-free-guided sampling: cond = (text, identity tokens), uncond = (empty text, null tokens in the
-    same slots with the same masks)."""
+    same slots with the same masks). ``noise`` (shape ``latent_shape``) replaces the initial ``randn`` (e.g. one
+    seed per row, as ``training/generate.py`` does)."""
     device = text.device
-    latents = torch.randn(latent_shape, generator=generator).to(device, text.dtype) * scheduler.init_noise_sigma
+    if noise is None:
+        noise = torch.randn(latent_shape, generator=generator)
+    elif tuple(noise.shape) != tuple(latent_shape):
+        raise IdentityCountError(f"noise: expected shape {tuple(latent_shape)}, got {tuple(noise.shape)}")
+    latents = noise.to(device, text.dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     dropped = IdentityBatch(identities.global_embedding, identities.local_map, identities.present,
                             torch.ones(text.shape[0], dtype=torch.bool, device=device))
