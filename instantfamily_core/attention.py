@@ -12,9 +12,20 @@ Two modes:
     identity contributes exactly nothing outside its mask. The bias is a float tensor (ComfyUI's CPU backend adds
     the mask and breaks on bool masks) handed to whatever attention kernel the caller uses.
 ``paper``
-    The paper's literal Eq. 6: ``softmax((M ⊙ QKᵀ) / √d) V`` with ``M`` = 1 on text keys and ``w_n · m_n`` on
-    identity n's keys. Masked logits become 0, not −∞, so identities still get weight ``exp(0)`` outside their
-    masks — as printed. Computed here with explicit math (no fused kernel can express it).
+    The paper's literal Eq. 6: ``softmax((M ⊙ QKᵀ) / √d) V`` with ``M`` = 1 on text keys and ``m_n`` on identity
+    n's keys. Masked logits become 0, not −∞, so identities still get weight ``exp(0)`` outside their masks — as
+    printed. Computed here with explicit math (no fused kernel can express it). Two things the equation leaves
+    open are fixed so that training and inference agree:
+
+    * **Empty slots are invisible.** A slot whose mask is all zero (a padding slot of a training row with fewer
+      faces than slots, or an identity skipped at inference) has its keys excluded (−∞), exactly as in
+      ``additive`` mode — otherwise its T null keys at logit 0 would take attention in training that nothing
+      takes at inference.
+    * **Weights multiply the identity's attention mass.** ``log w_n`` is added to identity n's logits after the
+      mask (``(m_n · q·k) / √d + log w_n``), i.e. its unnormalised softmax weights are multiplied by ``w_n`` —
+      the same meaning a weight has in ``additive`` mode. ``w_n = 1`` is exactly Eq. 6; ``w_n = 0`` excludes its
+      keys (the identity is removed everywhere). Multiplying ``M`` by ``w_n`` instead would only change the
+      softmax temperature, and ``w_n = 0`` would set the logits to 0 and spread the identity over the image.
 
 A bias is built once per (feature size, key length, dtype, device) and cached on the object.
 """
@@ -61,13 +72,17 @@ def sdpa_attention(q, k, v, heads: int, mask: Optional[torch.Tensor] = None) -> 
     return _merge_heads(out)
 
 
-def paper_attention(q, k, v, heads: int, multiplier: torch.Tensor) -> torch.Tensor:
-    """``softmax((M ⊙ QKᵀ) / √d) V``; ``M`` ``(Nq, Nk)`` or ``(B, Nq, Nk)`` is broadcast over heads."""
+def paper_attention(q, k, v, heads: int, multiplier: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax((M ⊙ QKᵀ) / √d + B) V``; ``M`` and the optional additive ``B`` (float, may hold −∞ for excluded
+    keys; computed in float32) are ``(Nq, Nk)`` or ``(B, Nq, Nk)``, broadcast over heads."""
     qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
     if multiplier.ndim == 3:
         multiplier = multiplier.unsqueeze(1)
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * multiplier.to(q.dtype) / math.sqrt(qh.shape[-1])
-    weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    logits = (torch.matmul(qh, kh.transpose(-1, -2)) * multiplier.to(q.dtype) / math.sqrt(qh.shape[-1])).float()
+    if bias is not None:
+        logits = logits + (bias.unsqueeze(1) if bias.ndim == 3 else bias).float()
+    weights = torch.softmax(logits, dim=-1).to(q.dtype)
     return _merge_heads(torch.matmul(weights, vh))
 
 
@@ -130,18 +145,35 @@ class MaskedCrossAttention:
                 self._cache[key] = bias.to(device=device, dtype=dtype)
         return self._cache[key]
 
+    def active(self) -> torch.Tensor:
+        """``(N,)`` (or ``(B, N)`` for per-row masks) bool: the slot has a non-empty mask and a weight > 0.
+        Inactive slots (padding, skipped identities, weight 0) contribute nothing in either mode."""
+        return (self.masks.flatten(-2).amax(-1) > 0) & (self.weights > 0)
+
     def multiplier(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
-        """The paper's ``M`` ``(Nq, Nk)``: 1 on text keys, w_n · m_n on identity n's keys."""
+        """The paper's ``M`` ``(Nq, Nk)`` (``(B, Nq, Nk)`` for per-row masks): 1 on text keys, m_n on identity n's
+        keys."""
+        return self.paper_terms(feature_hw, key_length, dtype, device)[0]
+
+    def paper_terms(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, B)`` of paper mode: ``M`` as :meth:`multiplier`; ``B`` float32, 0 on text keys, ``log w_n`` on the
+        keys of an active identity n and −∞ on the keys of an inactive one (see the module docstring)."""
         key = ("paper", tuple(feature_hw), key_length, dtype, torch.device(device))
         if key not in self._cache:
             layout = self.layout(key_length)
-            values = self._region_values(feature_hw)
-            m = torch.ones(*values.shape[:-1], key_length)
+            small = resize_masks(self.masks, feature_hw).flatten(-2).transpose(-1, -2)  # (…, Nq, N)
             owner = layout.key_owner()
             ids = owner >= 0
-            m[..., ids] = values[..., owner[ids]]
-            self._cache[key] = m.to(device=device, dtype=dtype)
+            m = torch.ones(*small.shape[:-1], key_length)
+            m[..., ids] = small[..., owner[ids]]
+            active = self.active()
+            per_identity = torch.where(active, self.weights.clamp_min(1e-30).log(),
+                                       torch.full_like(self.weights, -math.inf))  # (N,) or (B, N)
+            bias = torch.zeros(*small.shape[:-2], 1, key_length)
+            bias[..., ids] = per_identity.unsqueeze(-2)[..., owner[ids]]
+            self._cache[key] = (m.to(device=device, dtype=dtype), bias.to(device=device))
         return self._cache[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -151,6 +183,7 @@ class MaskedCrossAttention:
         if h * w != q.shape[1]:
             raise MaskError(f"feature size: {h}×{w} = {h * w} positions but the queries have {q.shape[1]}")
         if self.mode == "paper" and self.num_identities:
-            return paper_attention(q, k, v, heads, self.multiplier((h, w), k.shape[1], q.dtype, q.device))
+            m, b = self.paper_terms((h, w), k.shape[1], q.dtype, q.device)
+            return paper_attention(q, k, v, heads, m, b)
         bias = self.bias((h, w), k.shape[1], q.dtype, q.device)
         return attention_fn(q, k, v, heads, mask=bias)

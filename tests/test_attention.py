@@ -110,16 +110,37 @@ def _reference_bias(masks, weights, nk):
     return bias
 
 
+def _numpy_paper_reference(q, k, v, masks, weights):
+    """Eq. 6 written out: logits = (M ⊙ QKᵀ)/√d with M = 1 on text keys and m_n on identity n's keys, then
+    + log w_n on identity n's keys; identities with weight 0 or an all-zero mask are left out of the softmax."""
+    qn, kn, vn = (t.double().numpy() for t in (q, k, v))
+    m = masks.flatten(1).t().double().numpy()
+    M = np.ones((qn.shape[0], kn.shape[0]))
+    add = np.zeros(kn.shape[0])
+    for n, w in enumerate(weights):
+        s = slice(TEXT + n * T, TEXT + (n + 1) * T)
+        M[:, s] = m[:, n][:, None]
+        add[s] = math.log(w) if w > 0 and m[:, n].max() > 0 else -np.inf
+    ref = []
+    for h in range(HEADS):
+        s = slice(h * DH, (h + 1) * DH)
+        logits = (M * (qn[:, s] @ kn[:, s].T)) / math.sqrt(DH) + add
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        ref.append(p @ vn[:, s])
+    return np.concatenate(ref, 1)
+
+
 def test_paper_mode_matches_a_numpy_transcription_of_eq6():
     masks = _masks()
-    weights = [0.7, 1.3]
     q, k, v = _qkv(2, batch=1)
-    out = MaskedCrossAttention(masks, T, weights=weights, mode="paper")(q, k, v, HEADS, (4, 6))
+    out = MaskedCrossAttention(masks, T, mode="paper")(q, k, v, HEADS, (4, 6))
+    # weight 1: the printed equation and nothing else
     qn, kn, vn = (t[0].double().numpy() for t in (q, k, v))
     m = masks.flatten(1).t().double().numpy()
     M = np.ones((qn.shape[0], kn.shape[0]))
-    for n, w in enumerate(weights):
-        M[:, TEXT + n * T:TEXT + (n + 1) * T] = (w * m[:, n])[:, None]
+    for n in range(2):
+        M[:, TEXT + n * T:TEXT + (n + 1) * T] = m[:, n][:, None]
     ref = []
     for h in range(HEADS):
         s = slice(h * DH, (h + 1) * DH)
@@ -128,6 +149,55 @@ def test_paper_mode_matches_a_numpy_transcription_of_eq6():
         p /= p.sum(1, keepdims=True)
         ref.append(p @ vn[:, s])
     np.testing.assert_allclose(out[0].double().numpy(), np.concatenate(ref, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[0.7, 1.3], [0.0, 1.0], [2.0, 0.0]])
+def test_paper_mode_weights_multiply_the_attention_mass(weights):
+    # Changed with issue 9: a weight used to multiply M (a softmax temperature; weight 0 set the logits to 0 and
+    # spread the identity over the image). Now it multiplies the identity's unnormalised softmax weights.
+    masks = _masks()
+    q, k, v = _qkv(2, batch=1)
+    out = MaskedCrossAttention(masks, T, weights=weights, mode="paper")(q, k, v, HEADS, (4, 6))
+    np.testing.assert_allclose(out[0].double().numpy(), _numpy_paper_reference(q[0], k[0], v[0], masks, weights),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weight_zero_removes_the_identity_in_both_modes():
+    masks = _masks()
+    q, k, v = _qkv(2)
+    layout = SlotLayout.for_key_length(k.shape[1], T, 2)
+    for mode in ("additive", "paper"):
+        attn = MaskedCrossAttention(masks, T, weights=[0.0, 1.0], mode=mode)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, layout.identity_slice(0)] -= 4.0
+        v2[:, layout.identity_slice(0)] += 7.0
+        assert torch.equal(attn(q, k, v, HEADS, (4, 6)), attn(q, k2, v2, HEADS, (4, 6))), mode
+        # and equals attention over the text and identity 1 alone
+        keep = torch.cat([torch.arange(TEXT), torch.arange(layout.identity_slice(1).start, k.shape[1])])
+        alone = MaskedCrossAttention(masks[1:], T, mode=mode)(q, k[:, keep], v[:, keep], HEADS, (4, 6))
+        torch.testing.assert_close(attn(q, k, v, HEADS, (4, 6)), alone)
+
+
+def test_padding_slots_are_invisible_in_paper_mode_training_equals_inference():
+    """A training row with 1 face in slot 2 of 4 (3 padding slots with null tokens) gives exactly what inference
+    with that one identity gives; before issue 9, paper mode let the 3×T padding keys take attention."""
+    g = torch.Generator().manual_seed(3)
+    hw = (4, 6)
+    face = torch.zeros(*hw)
+    face[1:3, 1:4] = 1
+    q = torch.randn(1, 24, HEADS * DH, generator=g)
+    text_k, text_v = torch.randn(1, TEXT, HEADS * DH, generator=g), torch.randn(1, TEXT, HEADS * DH, generator=g)
+    id_k, id_v = torch.randn(1, T, HEADS * DH, generator=g), torch.randn(1, T, HEADS * DH, generator=g)
+    null_k, null_v = torch.randn(1, T, HEADS * DH, generator=g), torch.randn(1, T, HEADS * DH, generator=g)
+    for mode in ("additive", "paper"):
+        infer = MaskedCrossAttention(face[None], T, mode=mode)(
+            q, torch.cat([text_k, id_k], 1), torch.cat([text_v, id_v], 1), HEADS, hw)
+        masks = torch.zeros(1, 4, *hw)
+        masks[0, 2] = face
+        ks = torch.cat([text_k, null_k, null_k, id_k, null_k], 1)
+        vs = torch.cat([text_v, null_v, null_v, id_v, null_v], 1)
+        train = MaskedCrossAttention(masks, T, mode=mode)(q, ks, vs, HEADS, hw)
+        torch.testing.assert_close(train, infer, rtol=1e-5, atol=1e-6)
 
 
 def test_paper_mode_leaks_outside_the_mask_as_printed():
@@ -217,9 +287,12 @@ def test_per_row_masks_and_padding_slots():
             assert torch.equal(changed, masks[:, 0].flatten(1) > 0)
         else:
             assert changed.all()  # the literal equation leaks everywhere
+    for mode in ("additive", "paper"):
+        attn = MaskedCrossAttention(masks, T, mode=mode)
+        base = attn(q, k, v, HEADS, (4, 6))
+        v3, k3 = v.clone(), k.clone()
+        v3[0, layout.identity_slice(1)] += 9.0  # padding slot of row 0: nobody sees it, in either mode
+        k3[0, layout.identity_slice(1)] -= 3.0
+        assert torch.equal(attn(q, k3, v3, HEADS, (4, 6))[0], base[0]), mode
     attn = MaskedCrossAttention(masks, T)
-    base = attn(q, k, v, HEADS, (4, 6))
-    v3 = v.clone()
-    v3[0, layout.identity_slice(1)] += 9.0  # padding slot of row 0: nobody sees it
-    assert torch.equal(attn(q, k, v3, HEADS, (4, 6))[0], base[0])
     assert attn.bias((4, 6), k.shape[1], torch.float32, torch.device("cpu")).shape == (2, 24, k.shape[1])
