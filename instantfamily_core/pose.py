@@ -175,35 +175,53 @@ def expand_box(box, margin: float, width: int, height: int) -> tuple[float, floa
 
 @dataclass(frozen=True)
 class SlotAssignment:
-    """Which person holds each identity slot, with the face geometry of each slot (pixels of the frame)."""
+    """Which person holds each identity slot, with the face geometry of each slot (pixels of the frame).
+
+    A slot can be *empty*: ``face_boxes[n] is None`` (and ``mask_boxes[n] is None``). An empty slot keeps its place
+    and colour index but draws no circle and gets an all-zero mask, so no identity acts there — a padding slot of a
+    training sample (``person_of_slot[n] is None``) or a skipped identity whose person stays reserved
+    (``person_of_slot[n]`` = that person)."""
 
     frame: PoseFrame
-    person_of_slot: tuple[int, ...]
-    face_boxes: tuple[tuple[float, float, float, float], ...]
-    mask_boxes: tuple[tuple[float, float, float, float], ...]
+    person_of_slot: tuple[Optional[int], ...]
+    face_boxes: tuple[Optional[tuple[float, float, float, float]], ...]
+    mask_boxes: tuple[Optional[tuple[float, float, float, float]], ...]
 
     @property
     def num_slots(self) -> int:
         return len(self.person_of_slot)
 
-    def centres(self) -> list[tuple[float, float]]:
-        return [((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in self.face_boxes]
+    def is_empty(self, n: int) -> bool:
+        return self.face_boxes[n] is None
+
+    def centres(self) -> list[Optional[tuple[float, float]]]:
+        return [None if b is None else ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in self.face_boxes]
 
     def masks(self) -> torch.Tensor:
-        """``(N, H, W)`` float masks at the frame's canvas size, one per slot."""
-        return boxes_to_masks(self.mask_boxes, self.frame.height, self.frame.width)
+        """``(N, H, W)`` float masks at the frame's canvas size, one per slot (all zero for an empty slot)."""
+        masks = torch.zeros(self.num_slots, self.frame.height, self.frame.width)
+        used = [n for n in range(self.num_slots) if self.mask_boxes[n] is not None]
+        if used:
+            masks[used] = boxes_to_masks([self.mask_boxes[n] for n in used], self.frame.height, self.frame.width)
+        return masks
 
 
-def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence[int]] = None,
-                 margin: float = DEFAULT_MARGIN, name: str = "pose_keypoint") -> SlotAssignment:
+def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence[Optional[int]]] = None,
+                 margin: float = DEFAULT_MARGIN, name: str = "pose_keypoint",
+                 empty: Sequence[int] = ()) -> SlotAssignment:
     """Give identity slots 0…N−1 to people: left to right by face centre, or ``order[n]`` = person index of slot n.
 
+    ``order[n] = None`` leaves slot n without a person (a padding slot). ``empty``: slots that keep the person the
+    order gives them (so later slots do not shift) but get no circle and no mask — identities that were skipped.
     People without a slot keep their skeleton but get no circle and no mask.
     """
     if num_identities < 0:
         raise IdentityCountError(f"identities: count must be ≥ 0, got {num_identities}")
     if not 0 <= margin <= 10:
         raise PoseError(f"margin: expected a fraction between 0 and 10 (0.25 = 25 %), got {margin}")
+    empty = {int(n) for n in empty}
+    if any(not 0 <= n < num_identities for n in empty):
+        raise IdentityCountError(f"empty slots {sorted(empty)}: out of range for {num_identities} identities")
     boxes = [face_box(p) for p in frame.people]
     located = [i for i, b in enumerate(boxes) if b is not None]
     if order is None or len(order) == 0:
@@ -216,23 +234,24 @@ def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence
                                      f"{len(frame.people)} people have usable face keypoints (persons {missing} "
                                      "have no nose, eyes, ears or face points)")
         by_x = sorted(located, key=lambda i: ((boxes[i][0] + boxes[i][2]) / 2, (boxes[i][1] + boxes[i][3]) / 2))
-        chosen = by_x[:num_identities]
+        chosen: list[Optional[int]] = list(by_x[:num_identities])
     else:
-        chosen = [int(i) for i in order]
+        chosen = [None if i is None else int(i) for i in order]
         if len(chosen) != num_identities:
             raise IdentityCountError(f"identity order: {len(chosen)} entries for {num_identities} identities; "
                                      "give one person index per identity")
-        if len(set(chosen)) != len(chosen):
+        people = [i for i in chosen if i is not None]
+        if len(set(people)) != len(people):
             raise IdentityCountError(f"identity order: person indices repeat in {chosen}")
-        for i in chosen:
+        for i in people:
             if not 0 <= i < len(frame.people):
                 raise IdentityCountError(f"identity order: person {i} does not exist; the pose has "
                                          f"{len(frame.people)} people (indices 0…{len(frame.people) - 1})")
             if boxes[i] is None:
                 raise FaceKeypointsError(f"{name}: person {i} has no usable face keypoints (no nose, eyes, ears "
                                          "or face points) and cannot hold an identity")
-    face = tuple(boxes[i] for i in chosen)
-    masked = tuple(expand_box(b, margin, frame.width, frame.height) for b in face)
+    face = tuple(None if i is None or n in empty else boxes[i] for n, i in enumerate(chosen))
+    masked = tuple(None if b is None else expand_box(b, margin, frame.width, frame.height) for b in face)
     return SlotAssignment(frame, tuple(chosen), face, masked)
 
 

@@ -70,10 +70,14 @@ def circle_radius(face_box) -> int:
 
 
 def draw_control_image(slots: SlotAssignment) -> np.ndarray:
-    """The control image: skeletons plus one filled circle per identity slot at its face centre."""
+    """The control image: skeletons plus one filled circle per identity slot at its face centre (empty slots:
+    none, their colour is simply absent)."""
     cv2 = _cv2()
     canvas = draw_skeletons(slots.frame)
-    for n, (box, (cx, cy)) in enumerate(zip(slots.face_boxes, slots.centres())):
+    for n, (box, centre) in enumerate(zip(slots.face_boxes, slots.centres())):
+        if box is None:  # empty slot (padding or skipped identity): no circle
+            continue
+        cx, cy = centre
         cv2.circle(canvas, (int(round(cx)), int(round(cy))), circle_radius(box), slot_color(n), thickness=-1)
     return canvas
 
@@ -91,7 +95,10 @@ def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.n
         img = img * (1 - a) + color * a
     out = np.clip(img, 0, 255).astype(np.uint8)
     scale = max(0.4, min(slots.frame.width, slots.frame.height) / 512)
-    for n, (x1, y1, x2, y2) in enumerate(slots.mask_boxes):
+    for n, box in enumerate(slots.mask_boxes):
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
         color = slot_color(n)
         cv2.rectangle(out, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)), color, 1)
         label = str(n + 1)

@@ -197,9 +197,18 @@ class ShardDataset(Dataset):
             self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
         return self._handles[shard].get_tensor(key)
 
-    def _choose(self, rng: np.random.Generator, num_faces: int) -> list[int]:
-        k = min(self.num_slots, num_faces)
-        return [int(i) for i in rng.permutation(num_faces)[:k]]
+    def _choose(self, rng: np.random.Generator, num_faces: int) -> list[Optional[int]]:
+        """Face index of each of the N slots (None = padding): k = min(N, F) faces chosen at random go to k slots
+        chosen at random, so every slot — and every slot colour — is trained whatever the number of faces
+        (paper §4.2: faces stacked "in random order", no slot-1 bias)."""
+        n = self.num_slots
+        k = min(n, num_faces)
+        faces = rng.permutation(num_faces)[:k]
+        places = rng.permutation(n)[:k]
+        slots: list[Optional[int]] = [None] * n
+        for f, s in zip(faces, places):
+            slots[int(s)] = int(f)
+        return slots
 
     def _drops(self, rng: np.random.Generator) -> tuple[bool, bool]:
         u, d = float(rng.random()), self.dropout
@@ -211,38 +220,48 @@ class ShardDataset(Dataset):
             return True, True
         return False, False
 
-    def build(self, index: int, face_order: Sequence[int], drop_text: bool = False,
+    def build(self, index: int, face_order: Sequence[Optional[int]], drop_text: bool = False,
               drop_identity: bool = False) -> dict:
-        """One training example with faces ``face_order`` (indices into the record's faces) in slots 0…k−1."""
+        """One training example: slot s holds face ``face_order[s]`` (an index into the record's faces) or is a
+        padding slot (``None``, or past the end of ``face_order``): null tokens, all-zero mask, no circle."""
         shard, i, record = self.index[index]
         r, n = self.resolution, self.num_slots
+        if len(face_order) > n:
+            raise DatasetError(f"{record['key']}: {len(face_order)} slots requested but --num-slots is {n}")
+        face_order = list(face_order) + [None] * (n - len(face_order))
         image = decode_image(self._tensor(shard, f"{i:06d}.image").numpy())
         if image.shape[:2] != (r, r):
             raise DatasetError(f"{record['key']}: image is {image.shape[1]}×{image.shape[0]}, the manifest says {r}×{r}")
         frame = parse_pose(record["pose"], name=record["key"])
-        slots = assign_slots(frame, len(face_order), order=[record["faces"][f]["person"] for f in face_order],
-                             margin=self.margin, name=record["key"])
-        masks = torch.zeros(n, r, r)
-        masks[:len(face_order)] = slots.masks()
+        slots = assign_slots(frame, n, order=[None if f is None else record["faces"][f]["person"]
+                                              for f in face_order], margin=self.margin, name=record["key"])
+        masks = slots.masks()
         g_all = self._tensor(shard, f"{i:06d}.global").float()
         l_all = self._tensor(shard, f"{i:06d}.local").float()
         g = torch.zeros(n, self.global_dim)
         loc = torch.zeros(n, self.local_dim, self.grid, self.grid)
         present = torch.zeros(n, dtype=torch.bool)
         for s, f in enumerate(face_order):
-            g[s], loc[s], present[s] = g_all[f], l_all[f], True
+            if f is not None:
+                g[s], loc[s], present[s] = g_all[f], l_all[f], True
         control = torch.from_numpy(draw_control_image(slots)).permute(2, 0, 1).float() / 255.0
         pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         return {"pixels": pixels, "control": control, "masks": masks, "global": g, "local": loc,
                 "present": present, "caption": "" if drop_text else record["caption"],
-                "drop_identity": bool(drop_identity), "index": index}
+                "drop_identity": bool(drop_identity), "index": index,
+                "slots": [-1 if f is None else int(f) for f in face_order]}
+
+    def draw(self, epoch: int, index: int) -> tuple[list[Optional[int]], bool, bool]:
+        """The random choices of item ``(epoch, index)``: face index per slot (None = padding), drop_text,
+        drop_identity — a pure function of ``(seed, epoch, index)``."""
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        slots = self._choose(rng, len(self.index[index][2]["faces"]))
+        drop_text, drop_identity = self._drops(rng)
+        return slots, drop_text, drop_identity
 
     def __getitem__(self, item) -> dict:
         epoch, index = item if isinstance(item, tuple) else (0, item)
-        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        order = self._choose(rng, len(self.index[index][2]["faces"]))
-        drop_text, drop_identity = self._drops(rng)
-        return self.build(index, order, drop_text, drop_identity)
+        return self.build(index, *self.draw(epoch, index))
 
     def validation_item(self, index: int) -> dict:
         """No dropout; faces in slots left to right by face centre (the inference default)."""
@@ -296,4 +315,5 @@ def collate(items: Sequence[dict]) -> dict:
     out["caption"] = [it["caption"] for it in items]
     out["drop_identity"] = torch.tensor([it["drop_identity"] for it in items], dtype=torch.bool)
     out["index"] = torch.tensor([it["index"] for it in items])
+    out["slots"] = torch.tensor([it["slots"] for it in items])
     return out
