@@ -2,8 +2,14 @@
 
 Input is the JSON shape of ComfyUI's ``POSE_KEYPOINT`` type (comfyui_controlnet_aux): a list of frames
 ``{"canvas_width", "canvas_height", "people": [{"pose_keypoints_2d": [x, y, c]×18, "face_keypoints_2d": [x, y, c]×70
-or ×68 or null, …}]}``. A single frame dict or a JSON string is accepted too. ``c <= 0`` marks a missing point.
-BODY_25 people (25 points) are mapped onto the 18-point COCO layout.
+or ×68 or null, …}]}``. A single frame dict or a JSON string is accepted too. ``c <= 0`` marks a missing point,
+and so does controlnet-aux's marker: its OpenPose writes a point it could not place as x (or y) = −1 before
+normalising, i.e. −1/W (−1/H) in normalised frames, with confidence 1 — such a point is dropped, never used.
+BODY_25 people (25 points) are mapped onto the 18-point COCO layout. A person may carry ``"face_box_2d": [x1, y1,
+x2, y2]``, the face detector's box (written by Pose from Image's ``faces`` method and by the training shards).
+
+Face boxes follow one rule whatever made the pose (:func:`face_box`): the box the face detector would give. The
+mask is that box + margin (25 % by default), the paper's "detector box + 25 %".
 
 Coordinates may be pixels or normalised to [0, 1]; a frame whose valid coordinates all lie within
 ``[-NORMALISED_TOLERANCE, NORMALISED_TOLERANCE]`` is taken as normalised (detectors put points slightly outside
@@ -25,16 +31,35 @@ from .masks import boxes_to_masks
 NOSE, NECK, R_EYE, L_EYE, R_EAR, L_EAR = 0, 1, 14, 15, 16, 17
 NORMALISED_TOLERANCE = 2.0
 DEFAULT_MARGIN = 0.25
-FACE_POINTS_FOREHEAD = 0.35  # 68/70-point faces have no forehead: extend the box up by this share of its height
+
+# Face-box calibration (see face_box). Measured by tools/calibrate_face_box.py on 8 real faces (insightface's t1.jpg,
+# skimage's astronaut, matplotlib's grace_hopper): detector boxes from MTCNN (trained on WIDER FACE like
+# insightface's SCRFD), 68 landmarks from dlib; medians.
+FACE_POINTS_MIN = 20          # a face-keypoint set with fewer valid points is partial: the body decides
+FACE_POINTS_WIDTH = 0.965     # detector width / tight width of the 68/70 face points
+FACE_POINTS_TOP = 0.29        # detector top = tight top − this × tight height (no forehead points)
+FACE_POINTS_BOTTOM = -0.06    # detector bottom = tight bottom + this × tight height (just above the chin point)
+BODY_EYES_NOSE = 1.6          # width = this × hypot(eye distance, BODY_EYE_NOSE_WEIGHT × eyes-to-nose distance)
+BODY_EYE_NOSE_WEIGHT = 1.6
+BODY_ONE_EYE_NOSE = 2.9       # width = this × |eye − nose| when only one eye is seen
+BODY_EARS = 0.92              # width = this × |ear − ear|
+BODY_NOSE_EAR = 1.27          # width = this × max |nose − ear| when only one ear is seen
+BODY_EYES_ONLY = 2.3          # width = this × eye distance when there is no nose
+BODY_NECK = 1.2               # fallback (uncalibrated): width = this × |nose − neck|
+BOX_ASPECT = 1.27             # detector height / width
+CENTRE_BELOW_EYES = 0.10      # box centre = eye height + this × width
+CENTRE_ABOVE_NOSE = 0.15      # without eyes: box centre = nose height − this × width
 _BODY25_TO_COCO18 = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
 
 
 @dataclass(frozen=True)
 class Person:
-    """One person in pixel coordinates of the frame's canvas. ``body``: (18, 3); ``face``: (K, 3) or None."""
+    """One person in pixel coordinates of the frame's canvas. ``body``: (18, 3); ``face``: (K, 3) or None;
+    ``box``: the face detector's box as two points ``[[x1, y1, 1], [x2, y2, 1]]`` or None."""
 
     body: np.ndarray
     face: Optional[np.ndarray] = None
+    box: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -46,8 +71,8 @@ class PoseFrame:
     def scaled(self, width: int, height: int) -> "PoseFrame":
         """The same people on a ``width×height`` canvas (each axis stretched independently)."""
         sx, sy = width / self.width, height / self.height
-        return PoseFrame(width, height, tuple(Person(_scale(p.body, sx, sy), _scale(p.face, sx, sy))
-                                              for p in self.people))
+        return PoseFrame(width, height, tuple(Person(_scale(p.body, sx, sy), _scale(p.face, sx, sy),
+                                                     _scale(p.box, sx, sy)) for p in self.people))
 
 
 def _points(raw, name: str, what: str) -> Optional[np.ndarray]:
@@ -108,17 +133,47 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
         elif len(body) != 18:
             raise PoseError(f"{who}: pose_keypoints_2d has {len(body)} points; expected 18 (COCO) or 25 (BODY_25)")
         face = _points(p.get("face_keypoints_2d"), name, f"person {i} face_keypoints_2d")
-        people.append(Person(body, face))
+        box = None
+        if p.get("face_box_2d") is not None:
+            try:
+                flat = np.asarray(p["face_box_2d"], dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise PoseError(f"{who}: face_box_2d must be [x1, y1, x2, y2] numbers") from None
+            if flat.size != 4 or not np.isfinite(flat).all():
+                raise PoseError(f"{who}: face_box_2d must be four finite numbers [x1, y1, x2, y2], got "
+                                f"{flat.tolist()}")
+            if not (flat[2] > flat[0] and flat[3] > flat[1]):
+                raise PoseError(f"{who}: face_box_2d {flat.tolist()} is empty (need x2 > x1 and y2 > y1)")
+            box = np.array([[flat[0], flat[1], 1.0], [flat[2], flat[3], 1.0]])
+        people.append(Person(body, face, box))
     if not people:
         raise PoseError(f"{name}: frame {frame} has no people; expected at least one person with keypoints")
 
-    valid = np.concatenate([a[a[:, 2] > 0, :2] for p in people for a in (p.body, p.face) if a is not None]
+    people = [Person(_drop_markers(p.body, width, height), _drop_markers(p.face, width, height), p.box)
+              for p in people]
+    valid = np.concatenate([a[a[:, 2] > 0, :2] for p in people for a in (p.body, p.face, p.box) if a is not None]
                            or [np.zeros((0, 2))])
     if valid.size == 0:
         raise PoseError(f"{name}: no keypoint has a confidence above 0; the pose is empty")
     if np.abs(valid).max() <= NORMALISED_TOLERANCE:
-        people = [Person(_scale(p.body, width, height), _scale(p.face, width, height)) for p in people]
+        people = [Person(_scale(p.body, width, height), _scale(p.face, width, height), _scale(p.box, width, height))
+                  for p in people]
     return PoseFrame(width, height, tuple(people))
+
+
+def _drop_markers(a: Optional[np.ndarray], width: int, height: int) -> Optional[np.ndarray]:
+    """A copy of ``a`` whose controlnet-aux "missing" markers (x or y = −1 in pixels, −1/W or −1/H normalised)
+    have confidence 0."""
+    if a is None:
+        return None
+    x, y = a[:, 0], a[:, 1]
+    marker = (np.isclose(x, -1.0) | np.isclose(x, -1.0 / width, rtol=1e-4, atol=0)
+              | np.isclose(y, -1.0) | np.isclose(y, -1.0 / height, rtol=1e-4, atol=0))
+    if not marker.any():
+        return a
+    a = a.copy()
+    a[marker] = 0.0
+    return a
 
 
 def _scale(a: Optional[np.ndarray], sx: float, sy: float) -> Optional[np.ndarray]:
@@ -134,36 +189,88 @@ def _scale(a: Optional[np.ndarray], sx: float, sy: float) -> Optional[np.ndarray
 def face_box(person: Person) -> Optional[tuple[float, float, float, float]]:
     """The face box (x1, y1, x2, y2) in pixels, before margin; None when the keypoints locate no face.
 
-    With face points (≥ 3 valid): their tight box, extended upwards by 35 % of its height (no forehead points).
-    Otherwise from the body: centre on the nose (or the mean of the visible eyes/ears), half-size
-    ``max(3·d(nose, eye), 1.5·d(nose, ear))`` with ``d`` the L∞ distance, falling back to ``0.6·d(nose, neck)``.
+    One rule for every pose source: the box a face detector (insightface's SCRFD, the boxes stored in training
+    shards) gives for this face, estimated from what the pose has, in this order:
+
+    1. ``face_box_2d`` (a detector box carried with the pose): that box.
+    2. ≥ ``FACE_POINTS_MIN`` valid 68/70 face points: their tight box ``(w, h)`` → width ``0.965·w`` about its
+       centre, top ``0.29·h`` above the highest point (the forehead has no points), bottom ``0.06·h`` above the
+       lowest (the chin point sits just under the detector's edge).
+    3. Body points (nose 0, neck 1, eyes 14/15, ears 16/17; OpenPose eyes are pupils, the nose the tip): the width
+       ``W`` is the mean of what the head shows — ``1.6·hypot(d_eyes, 1.6·d(eye midpoint, nose))`` (or
+       ``2.9·d(eye, nose)`` with one eye, ``2.3·d_eyes`` without a nose) and ``0.92·d(ear, ear)`` (or
+       ``1.27·max d(nose, ear)`` with one ear); ``1.2·d(nose, neck)`` when none of these exist. Height
+       ``1.27·W``; centre between the eye midpoint and the nose horizontally, ``0.10·W`` below the eyes
+       (``0.15·W`` above the nose without eyes).
+    4. Fewer face points than rule 2 wants and no usable body: rule 2 on the points there are (≥ 3).
+
+    Distances are Euclidean. The constants are medians measured on real faces (see the module constants); the
+    rules agree with the detector box within ±15 % on those faces (tests/test_face_box_rule.py).
     """
+    if person.box is not None:
+        (x1, y1, _), (x2, y2, _) = person.box
+        return float(x1), float(y1), float(x2), float(y2)
+    pts = None
     if person.face is not None:
         pts = person.face[person.face[:, 2] > 0, :2]
-        if len(pts) >= 3:
-            x1, y1 = pts.min(0)
-            x2, y2 = pts.max(0)
-            if x2 > x1 and y2 > y1:
-                return float(x1), float(y1 - FACE_POINTS_FOREHEAD * (y2 - y1)), float(x2), float(y2)
-    b = person.body
+        if len(pts) >= FACE_POINTS_MIN:
+            box = _box_from_face_points(pts)
+            if box is not None:
+                return box
+    box = _box_from_body(person.body)
+    if box is None and pts is not None and len(pts) >= 3:
+        box = _box_from_face_points(pts)
+    return box
+
+
+def _box_from_face_points(pts: np.ndarray) -> Optional[tuple[float, float, float, float]]:
+    x1, y1 = pts.min(0)
+    x2, y2 = pts.max(0)
+    w, h = float(x2 - x1), float(y2 - y1)
+    if w <= 0 or h <= 0:
+        return None
+    cx, half = (x1 + x2) / 2, FACE_POINTS_WIDTH * w / 2
+    return float(cx - half), float(y1 - FACE_POINTS_TOP * h), float(cx + half), float(y2 + FACE_POINTS_BOTTOM * h)
+
+
+def _box_from_body(b: np.ndarray) -> Optional[tuple[float, float, float, float]]:
     ok = b[:, 2] > 0
-    head = [i for i in (R_EYE, L_EYE, R_EAR, L_EAR) if ok[i]]
-    if ok[NOSE]:
-        centre = b[NOSE, :2]
-    elif head:
-        centre = b[head, :2].mean(0)
+    eyes = [b[i, :2] for i in (R_EYE, L_EYE) if ok[i]]
+    ears = [b[i, :2] for i in (R_EAR, L_EAR) if ok[i]]
+    nose = b[NOSE, :2] if ok[NOSE] else None
+    if nose is None and not eyes and not ears:
+        return None
+    dist = lambda a, c: float(np.hypot(*(np.asarray(a) - np.asarray(c))))  # noqa: E731
+    widths = []
+    if len(eyes) == 2:
+        mid = (eyes[0] + eyes[1]) / 2
+        if nose is not None:
+            widths.append(BODY_EYES_NOSE * float(np.hypot(dist(*eyes), BODY_EYE_NOSE_WEIGHT * dist(mid, nose))))
+        else:
+            widths.append(BODY_EYES_ONLY * dist(*eyes))
+    elif len(eyes) == 1 and nose is not None:
+        widths.append(BODY_ONE_EYE_NOSE * dist(eyes[0], nose))
+    if len(ears) == 2:
+        widths.append(BODY_EARS * dist(*ears))
+    elif len(ears) == 1 and nose is not None:
+        widths.append(BODY_NOSE_EAR * dist(ears[0], nose))
+    widths = [w for w in widths if w > 0]
+    if widths:
+        w = float(np.mean(widths))
+    elif nose is not None and ok[NECK] and dist(nose, b[NECK, :2]) > 0:
+        w = BODY_NECK * dist(nose, b[NECK, :2])
     else:
         return None
-    half = 0.0
-    for idx, factor in ((R_EYE, 3.0), (L_EYE, 3.0), (R_EAR, 1.5), (L_EAR, 1.5)):
-        if ok[idx]:
-            half = max(half, factor * float(np.abs(b[idx, :2] - centre).max()))
-    if half <= 0 and ok[NECK]:
-        half = 0.6 * float(np.abs(b[NECK, :2] - centre).max())
-    if half <= 0:
-        return None
-    cx, cy = float(centre[0]), float(centre[1])
-    return cx - half, cy - half, cx + half, cy + half
+    if eyes:
+        eye = np.mean(eyes, axis=0)
+        cx = float((eye[0] + nose[0]) / 2) if nose is not None else float(eye[0])
+        cy = float(eye[1]) + CENTRE_BELOW_EYES * w
+    elif nose is not None:
+        cx, cy = float(nose[0]), float(nose[1]) - CENTRE_ABOVE_NOSE * w
+    else:
+        cx, cy = (float(v) for v in np.mean(ears, axis=0))
+    h = BOX_ASPECT * w
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
 def expand_box(box, margin: float, width: int, height: int) -> tuple[float, float, float, float]:
@@ -271,9 +378,10 @@ def pose_from_faces(faces, width: int, height: int) -> dict:
     """A POSE_KEYPOINT frame from detected faces alone (no body detector needed).
 
     ``faces``: sequence of ``(bbox (x1, y1, x2, y2), kps (5, 2))`` in pixels, kps in insightface order (image-left
-    eye, image-right eye, nose, mouth corners). Each person gets nose, eyes, ears (at the box sides, eye height)
-    and a neck below the chin — enough for face boxes, slot circles and a head-and-neck skeleton. People are
-    ordered left to right.
+    eye, image-right eye, nose, mouth corners). Each person carries the detector box (``face_box_2d``, so the mask
+    is exactly detector box + margin) and gets nose, eyes, ears and a neck below the chin — a head-and-neck
+    skeleton for the control image. The ears sit at eye height, ``|ear − ear| = width / 0.92``, so a consumer that
+    ignores ``face_box_2d`` still finds about the same box by the body rule. People are ordered left to right.
     """
     people = []
     for bbox, kps in sorted(faces, key=lambda f: (f[0][0] + f[0][2]) / 2):
@@ -281,11 +389,61 @@ def pose_from_faces(faces, width: int, height: int) -> dict:
         k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
         body = np.zeros((18, 3))
         eye_y = (k[0, 1] + k[1, 1]) / 2
+        cx, half_ears = (x1 + x2) / 2, (x2 - x1) / BODY_EARS / 2
         body[NOSE] = (k[2, 0], k[2, 1], 1)
         body[R_EYE] = (k[0, 0], k[0, 1], 1)  # the person's right eye appears on the image's left
         body[L_EYE] = (k[1, 0], k[1, 1], 1)
-        body[R_EAR] = (x1, eye_y, 1)
-        body[L_EAR] = (x2, eye_y, 1)
-        body[NECK] = ((x1 + x2) / 2, y2 + 0.35 * (y2 - y1), 1)
-        people.append({"pose_keypoints_2d": body.reshape(-1).tolist(), "face_keypoints_2d": None})
+        body[R_EAR] = (cx - half_ears, eye_y, 1)
+        body[L_EAR] = (cx + half_ears, eye_y, 1)
+        body[NECK] = (cx, y2 + 0.35 * (y2 - y1), 1)
+        people.append({"pose_keypoints_2d": body.reshape(-1).tolist(), "face_keypoints_2d": None,
+                       "face_box_2d": [x1, y1, x2, y2]})
+    return {"people": people, "canvas_width": int(width), "canvas_height": int(height)}
+
+
+def person_for_box(box, margin: float = 0.0) -> dict:
+    """A POSE_KEYPOINT person (head and neck) whose :func:`face_box` is ``box`` shrunk by ``1 + margin`` about its
+    centre — so ``expand_box(face_box(p), margin)`` gives ``box`` back. For callers that lay out faces by boxes."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    hw, hh = (x2 - x1) / (2 * (1 + margin)), (y2 - y1) / (2 * (1 + margin))
+    w = 2 * hw
+    eye_y = cy - CENTRE_BELOW_EYES * w
+    body = np.zeros((18, 3))
+    body[NOSE] = (cx, eye_y + 0.27 * w, 1)
+    body[R_EYE] = (cx - 0.215 * w, eye_y, 1)
+    body[L_EYE] = (cx + 0.215 * w, eye_y, 1)
+    body[R_EAR] = (cx - w / BODY_EARS / 2, eye_y, 1)
+    body[L_EAR] = (cx + w / BODY_EARS / 2, eye_y, 1)
+    body[NECK] = (cx, cy + 2.2 * hh, 1)
+    return {"pose_keypoints_2d": body.reshape(-1).tolist(), "face_keypoints_2d": None,
+            "face_box_2d": [cx - hw, cy - hh, cx + hw, cy + hh]}
+
+
+def poses_from_controlnet_aux(poses, width: int, height: int) -> dict:
+    """One POSE_KEYPOINT frame (normalised coordinates) from controlnet-aux's ``OpenposeDetector.detect_poses``.
+
+    ``poses``: its ``PoseResult`` list — ``.body.keypoints`` (18 ``Keypoint(x, y, score)`` normalised, or None) and
+    ``.face`` (``Keypoint`` list or None). Missing points (None, or its −1 marker, which it writes as x = −1/W or
+    y = −1/H with score 1) become ``[0, 0, 0]``. Its face list has one peak per heatmap that fired (up to 71 with
+    the background map), so only the first 70 are kept.
+    """
+    def flat(points, count=None):
+        out = []
+        for kp in list(points)[:count] if count else points:
+            x = None if kp is None else float(kp.x)
+            y = None if kp is None else float(kp.y)
+            missing = (kp is None or x < 0 or y < 0 or np.isclose(x, -1.0 / width, rtol=1e-4, atol=0)
+                       or np.isclose(y, -1.0 / height, rtol=1e-4, atol=0))
+            score = None if kp is None else getattr(kp, "score", 1.0)
+            out += [0.0, 0.0, 0.0] if missing else [x, y, float(1.0 if score is None else score)]
+        return out
+
+    people = []
+    for p in poses:
+        body = flat(p.body.keypoints)
+        if len(body) != 18 * 3:
+            raise PoseError(f"controlnet-aux pose: expected 18 body keypoints, got {len(body) // 3}")
+        face = getattr(p, "face", None)
+        people.append({"pose_keypoints_2d": body, "face_keypoints_2d": flat(face, 70) if face else None})
     return {"people": people, "canvas_width": int(width), "canvas_height": int(height)}

@@ -10,7 +10,8 @@ import torch
 
 from instantfamily_core.errors import MaskError, ModelFileError, PoseError
 from instantfamily_core.masks import resize_masks, validate_masks
-from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces
+from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces,
+                                     poses_from_controlnet_aux)
 from instantfamily_core.render import draw_control_image, draw_preview
 
 from . import paths
@@ -109,7 +110,7 @@ class PoseFromImage:
         frames = []
         for img in images:
             poses = detector.detect_poses(img, include_hand=False, include_face=include_face)
-            frames.append(_poses_to_keypoint_json(poses, img.shape[1], img.shape[0]))
+            frames.append(poses_from_controlnet_aux(poses, img.shape[1], img.shape[0]))
         return (frames,)
 
 
@@ -127,21 +128,6 @@ def _openpose_detector():
         raise ModelFileError(f"Pose from image: OpenPose weights not found; put {', '.join(need)} into one of "
                              f"{folders}, or choose the 'faces' method")
     return OpenposeDetector.from_pretrained(folder)
-
-
-def _poses_to_keypoint_json(poses, width, height) -> dict:
-    people = []
-    for p in poses:
-        body = []
-        for kp in p.body.keypoints:
-            body += [0.0, 0.0, 0.0] if kp is None else [float(kp.x), float(kp.y), 1.0]
-        face = None
-        if getattr(p, "face", None):
-            face = []
-            for kp in p.face:
-                face += [0.0, 0.0, 0.0] if kp is None else [float(kp.x), float(kp.y), 1.0]
-        people.append({"pose_keypoints_2d": body, "face_keypoints_2d": face})
-    return {"people": people, "canvas_width": width, "canvas_height": height}
 
 
 def check_masks(masks: torch.Tensor, count: int) -> torch.Tensor:

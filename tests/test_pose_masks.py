@@ -1,6 +1,7 @@
 """Pose parsing, face boxes, slot assignment and mask geometry."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,19 +13,48 @@ from instantfamily_core.pose import assign_slots, expand_box, face_box, parse_or
 from support.poses import frame, person
 
 
+# Changed with issue 9: one face-box rule (the detector box) replaced the old per-source boxes; the references
+# below are written out from the rule in face_box's docstring.
+
+def _box(cx, cy, w):
+    return (cx - w / 2, cy - 1.27 * w / 2, cx + w / 2, cy + 1.27 * w / 2)
+
+
 def test_body_only_face_box_follows_eyes_and_ears():
     f = parse_pose(frame([person(100, 120, s=30)]))
-    x1, y1, x2, y2 = face_box(f.people[0])
-    # half = max(3·|nose-eye|∞, 1.5·|nose-ear|∞) = max(3·10, 1.5·20) = 30
-    assert (x1, y1, x2, y2) == pytest.approx((70, 90, 130, 150))
+    # nose (100, 120), eyes (90, 115) and (110, 115), ears (80, 120) and (120, 120)
+    w_eyes = 1.6 * math.hypot(20, 1.6 * 5)
+    w_ears = 0.92 * 40
+    w = (w_eyes + w_ears) / 2
+    assert face_box(f.people[0]) == pytest.approx(_box(100, 115 + 0.10 * w, w))
 
 
-def test_face_points_take_priority_with_forehead_extension():
-    face = []
-    for x, y in [(90, 110), (110, 110), (100, 130)] + [(0, 0)] * 67:
-        face += [x, y, 1.0 if x else 0.0]
+def test_full_face_points_give_the_detector_box_partial_ones_defer_to_the_body():
+    pts = [(80 + 40 * (k % 9) / 8, 100 + 50 * (k // 9) / 7) for k in range(68)]  # a 40×50 grid of points
+    face = [v for x, y in pts for v in (x, y, 1.0)]
     f = parse_pose(frame([person(300, 300, face=face)]))
-    assert face_box(f.people[0]) == pytest.approx((90, 110 - 0.35 * 20, 110, 130))
+    assert face_box(f.people[0]) == pytest.approx((100 - 0.965 * 20, 100 - 0.29 * 50, 100 + 0.965 * 20,
+                                                   150 - 0.06 * 50))
+    few = []
+    for x, y in [(90, 110), (110, 110), (100, 130)] + [(0, 0)] * 67:
+        few += [x, y, 1.0 if x else 0.0]
+    body_only = face_box(parse_pose(frame([person(300, 300)])).people[0])
+    assert face_box(parse_pose(frame([person(300, 300, face=few)])).people[0]) == pytest.approx(body_only)
+    headless = {"pose_keypoints_2d": [0, 0, 0] * 18, "face_keypoints_2d": few}
+    assert face_box(parse_pose(frame([headless])).people[0]) == pytest.approx(
+        (100 - 0.965 * 10, 110 - 0.29 * 20, 100 + 0.965 * 10, 130 - 0.06 * 20))
+
+
+def test_a_detector_box_carried_with_the_pose_is_the_face_box():
+    p = person(100, 120, s=30)
+    p["face_box_2d"] = [70, 80, 130, 150]
+    f = parse_pose(frame([p]))
+    assert face_box(f.people[0]) == (70, 80, 130, 150)
+    assert face_box(f.scaled(256, 1024).people[0]) == pytest.approx((35, 160, 65, 300))
+    with pytest.raises(PoseError, match="face_box_2d"):
+        parse_pose(frame([{**p, "face_box_2d": [1, 2, 3]}]))
+    with pytest.raises(PoseError, match="empty"):
+        parse_pose(frame([{**p, "face_box_2d": [10, 10, 5, 20]}]))
 
 
 def test_normalised_and_pixel_coordinates_give_the_same_boxes():
@@ -49,12 +79,14 @@ def test_normalised_points_slightly_outside_the_frame_are_still_normalised():
 def test_missing_keypoints_confidence_zero_are_ignored():
     p = person(100, 100, s=30)
     body = np.array(p["pose_keypoints_2d"]).reshape(18, 3)
-    body[[14, 15], 2] = 0  # eyes missing → ears decide: 1.5 · 20
+    body[[14, 15], 2] = 0  # eyes missing → ears decide: 0.92 · 40, centre 0.15·w above the nose
     p["pose_keypoints_2d"] = body.reshape(-1).tolist()
-    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx((70, 70, 130, 130))
-    body[[16, 17], 2] = 0  # only nose + neck: 0.6 · 60
+    w = 0.92 * 40
+    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx(_box(100, 100 - 0.15 * w, w))
+    body[[16, 17], 2] = 0  # only nose + neck: 1.2 · 60
     p["pose_keypoints_2d"] = body.reshape(-1).tolist()
-    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx((64, 64, 136, 136))
+    w = 1.2 * 60
+    assert face_box(parse_pose(frame([p])).people[0]) == pytest.approx(_box(100, 100 - 0.15 * w, w))
     body[[0, 1], 2] = 0
     p["pose_keypoints_2d"] = body.reshape(-1).tolist()
     assert face_box(parse_pose(frame([p, person(300, 300)])).people[0]) is None
@@ -70,10 +102,14 @@ def test_slots_left_to_right_and_explicit_order():
 def test_margin_scales_the_box_and_masks_cover_it():
     f = parse_pose(frame([person(100, 120, s=30)]))
     slots = assign_slots(f, 1, margin=0.25)
-    assert slots.mask_boxes[0] == pytest.approx((62.5, 82.5, 137.5, 157.5))
+    x1, y1, x2, y2 = slots.face_boxes[0]
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    assert slots.mask_boxes[0] == pytest.approx((cx - 0.625 * w, cy - 0.625 * h, cx + 0.625 * w, cy + 0.625 * h))
     m = slots.masks()
     assert m.shape == (1, 512, 512)
-    assert m[0, 120, 100] == 1 and m[0, 120, 60] == 0 and m[0, 120, 63] == 1
+    mx1, _, mx2, _ = slots.mask_boxes[0]
+    assert m[0, 120, 100] == 1 and m[0, 120, int(mx1) - 1] == 0 and m[0, 120, int(mx1) + 1] == 1
+    assert m[0, 120, int(mx2) + 1] == 0 and m[0, 120, int(mx2) - 1] == 1
 
 
 def test_faces_at_the_edge_are_clipped_but_not_empty_and_off_canvas_is_empty():

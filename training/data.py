@@ -159,6 +159,17 @@ def decode_image(data: np.ndarray | bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def with_detector_boxes(record: dict) -> dict:
+    """The record's pose with each matched person carrying its face detector box (``face_box_2d``), so the
+    training mask is the paper's detector box + margin; the same :func:`~instantfamily_core.pose.face_box` rule
+    estimates that box from keypoints where no detector box exists (templates, OpenPose input at inference)."""
+    pose = json.loads(json.dumps(record["pose"]))
+    frame = pose[0] if isinstance(pose, list) else pose
+    for f in record["faces"]:
+        frame["people"][f["person"]]["face_box_2d"] = [float(v) for v in f["bbox"]]
+    return pose
+
+
 class ShardDataset(Dataset):
     """Samples from prepared shards. Items are addressed by ``(epoch, index)`` so that every random choice — which
     faces, their slot order, condition dropout — is a pure function of ``(seed, epoch, index)`` and a resumed run
@@ -232,7 +243,7 @@ class ShardDataset(Dataset):
         image = decode_image(self._tensor(shard, f"{i:06d}.image").numpy())
         if image.shape[:2] != (r, r):
             raise DatasetError(f"{record['key']}: image is {image.shape[1]}×{image.shape[0]}, the manifest says {r}×{r}")
-        frame = parse_pose(record["pose"], name=record["key"])
+        frame = parse_pose(with_detector_boxes(record), name=record["key"])
         slots = assign_slots(frame, n, order=[None if f is None else record["faces"][f]["person"]
                                               for f in face_order], margin=self.margin, name=record["key"])
         masks = slots.masks()

@@ -38,7 +38,8 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 from instantfamily_core.errors import InstantFamilyError  # noqa: E402
-from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, expand_box, face_box, parse_pose  # noqa: E402
+from instantfamily_core.pose import (DEFAULT_MARGIN, PoseFrame, assign_slots, expand_box, face_box,  # noqa: E402
+                                     parse_pose, poses_from_controlnet_aux)
 from training.data import (FORMAT_VERSION, MANIFEST, MANIFEST_FORMAT, DatasetError, PreparedSample,  # noqa: E402
                            atomic_write_text, read_shard_metadata, shard_name, write_shard)
 
@@ -152,18 +153,11 @@ class PoseDetector:
             raise DatasetError(f"--pose-model: cannot load the OpenPose annotator from {model_path} ({e})") from e
 
     def __call__(self, image: np.ndarray) -> dict:
+        """``image``: RGB uint8 (H, W, 3). ``detect_poses`` takes RGB and flips to BGR itself, so it gets the image
+        as is (flipping here too would feed its networks RGB as BGR)."""
         h, w = image.shape[:2]
-        poses = self.detector.detect_poses(image[:, :, ::-1].copy(), include_hand=False, include_face=True)
-
-        def flat(points, count):
-            out = []
-            for k in range(count):
-                p = points[k] if points is not None and k < len(points) else None
-                out += [0.0, 0.0, 0.0] if p is None else [float(p.x) * w, float(p.y) * h, float(getattr(p, "score", 1.0) or 1.0)]
-            return out
-        people = [{"pose_keypoints_2d": flat(pr.body.keypoints, 18),
-                   "face_keypoints_2d": flat(pr.face, len(pr.face)) if pr.face else None} for pr in poses]
-        return {"canvas_width": w, "canvas_height": h, "people": people}
+        poses = self.detector.detect_poses(np.ascontiguousarray(image), include_hand=False, include_face=True)
+        return poses_from_controlnet_aux(poses, w, h)
 
 
 def read_pose(item: InputItem, image: np.ndarray, detector: Optional[PoseDetector]) -> PoseFrame:
@@ -254,7 +248,9 @@ def process_item(item: InputItem, analyzer, args, detector: Optional[PoseDetecto
     h, w = image.shape[:2]
     s, ox, oy = crop_geometry(w, h, r)
     people = [{"pose_keypoints_2d": move_points(p.body, s, ox, oy),
-               **({"face_keypoints_2d": move_points(p.face, s, ox, oy)} if p.face is not None else {})}
+               **({"face_keypoints_2d": move_points(p.face, s, ox, oy)} if p.face is not None else {}),
+               **({"face_box_2d": move_points(p.box, s, ox, oy)[:2] + move_points(p.box, s, ox, oy)[3:5]}
+                  if p.box is not None else {})}
               for p in frame.people]
     pose = {"canvas_width": r, "canvas_height": r, "people": people}
     moved = parse_pose(pose, name=f"{item.key} pose")
