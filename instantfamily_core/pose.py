@@ -200,8 +200,8 @@ def face_box(person: Person) -> Optional[tuple[float, float, float, float]]:
        ``W`` is the mean of what the head shows — ``1.6·hypot(d_eyes, 1.6·d(eye midpoint, nose))`` (or
        ``2.9·d(eye, nose)`` with one eye, ``2.3·d_eyes`` without a nose) and ``0.92·d(ear, ear)`` (or
        ``1.27·max d(nose, ear)`` with one ear); ``1.2·d(nose, neck)`` when none of these exist. Height
-       ``1.27·W``; centre between the eye midpoint and the nose horizontally, ``0.10·W`` below the eyes
-       (``0.15·W`` above the nose without eyes).
+       ``1.27·W``; centre horizontally at the ears' midpoint (both ears seen) or between the eye midpoint and the
+       nose, vertically ``0.10·W`` below the eyes (``0.15·W`` above the nose without eyes).
     4. Fewer face points than rule 2 wants and no usable body: rule 2 on the points there are (≥ 3).
 
     Distances are Euclidean. The constants are medians measured on real faces (see the module constants); the
@@ -265,6 +265,8 @@ def _box_from_body(b: np.ndarray) -> Optional[tuple[float, float, float, float]]
         eye = np.mean(eyes, axis=0)
         cx = float((eye[0] + nose[0]) / 2) if nose is not None else float(eye[0])
         cy = float(eye[1]) + CENTRE_BELOW_EYES * w
+        if len(ears) == 2:  # the ears' midpoint stays on the head's axis when the face turns; eyes and nose do not
+            cx = float((ears[0][0] + ears[1][0]) / 2)
     elif nose is not None:
         cx, cy = float(nose[0]), float(nose[1]) - CENTRE_ABOVE_NOSE * w
     else:
