@@ -223,3 +223,81 @@ def test_pose_from_faces_gives_boxes_near_the_detected_faces():
     (ax1, ay1, ax2, ay2), (bx1, _, bx2, _) = slots.face_boxes
     assert ax1 < 90 and ax2 > 110 and ay1 < 110 and ay2 > 120  # covers eyes and nose
     assert bx1 > 250  # second person on the right
+
+
+def _openpose_person(cx=200, cy=150, width=512, height=384, missing=()):
+    from support.controlnet_aux_shapes import face_points, pose_result
+    body = {0: (cx, cy), 14: (cx - 12, cy - 8), 15: (cx + 12, cy - 8), 16: (cx - 30, cy), 17: (cx + 30, cy),
+            1: (cx, cy + 70)}
+    pts = face_points(cx, cy, 60, 76)
+    face = [None if k in missing else p for k, p in enumerate(pts)]
+    return pose_result(body, face, width, height)
+
+
+def test_controlnet_aux_missing_face_markers_are_missing_points():
+    """controlnet-aux writes a face point it could not place as (−1/W, −1/H) with score 1; it must not stretch the
+    face box to the image corner (it used to)."""
+    from instantfamily_core.pose import poses_from_controlnet_aux
+    clean = parse_pose(poses_from_controlnet_aux([_openpose_person()], 512, 384))
+    marked_result = _openpose_person(missing=(3, 40, 69))
+    marked = parse_pose(poses_from_controlnet_aux([marked_result], 512, 384))
+    assert (marked.people[0].face[[3, 40, 69], 2] == 0).all() and (marked.people[0].face[:, 2] > 0).sum() == 67
+    box = face_box(marked.people[0])
+    assert box == pytest.approx(face_box(clean.people[0]), abs=1.0)
+    assert box[0] > 150 and box[1] > 90  # not stretched towards (0, 0)
+    # the same markers arriving as POSE_KEYPOINT JSON written by comfyui_controlnet_aux (normalised, score 1) …
+    raw = {"canvas_width": 512, "canvas_height": 384, "people": [{
+        "pose_keypoints_2d": [v for kp in marked_result.body.keypoints
+                              for v in ((kp.x, kp.y, 1.0) if kp else (0.0, 0.0, 0.0))],
+        "face_keypoints_2d": [v for kp in marked_result.face for v in (kp.x, kp.y, 1.0)]}]}
+    assert face_box(parse_pose(raw).people[0]) == pytest.approx(box)
+    # … or already in pixels (x or y = −1), for face and body points
+    px = json.loads(json.dumps(raw))
+    person_px = px["people"][0]
+    for key in ("pose_keypoints_2d", "face_keypoints_2d"):
+        a = np.array(person_px[key]).reshape(-1, 3)
+        a[:, 0] *= 512
+        a[:, 1] *= 384
+        a[a[:, 2] == 0, :2] = 0
+        person_px[key] = a.reshape(-1).tolist()
+    body = np.array(person_px["pose_keypoints_2d"]).reshape(18, 3)
+    body[17] = (-1, -1, 1.0)  # left ear: marker
+    person_px["pose_keypoints_2d"] = body.reshape(-1).tolist()
+    f = parse_pose(px)
+    assert f.people[0].body[17, 2] == 0
+    assert face_box(f.people[0]) == pytest.approx(box, abs=1e-3)
+
+
+def test_controlnet_aux_results_become_pose_keypoint_frames():
+    from instantfamily_core.pose import poses_from_controlnet_aux
+    from support.controlnet_aux_shapes import Keypoint
+    result = _openpose_person(missing=(0,))
+    # its face list can hold a 71st peak (the background heatmap): dropped
+    result = result._replace(face=result.face + [Keypoint(0.9, 0.9)])
+    frame_ = poses_from_controlnet_aux([result, _openpose_person(cx=400, missing=())._replace(face=None)], 512, 384)
+    assert frame_["canvas_width"] == 512 and frame_["canvas_height"] == 384 and len(frame_["people"]) == 2
+    a, b = frame_["people"]
+    assert len(a["pose_keypoints_2d"]) == 54 and len(a["face_keypoints_2d"]) == 210
+    assert a["face_keypoints_2d"][:3] == [0.0, 0.0, 0.0]  # the marker
+    assert a["pose_keypoints_2d"][2 * 3:2 * 3 + 3] == [0.0, 0.0, 0.0]  # a None body point
+    assert a["pose_keypoints_2d"][:2] == pytest.approx([200 / 512, 150 / 384])
+    assert b["face_keypoints_2d"] is None
+    f = parse_pose(frame_)
+    assert f.people[0].body[0, :2] == pytest.approx((200, 150)) and assign_slots(f, 2).person_of_slot == (0, 1)
+
+
+def test_prepare_gives_controlnet_aux_the_rgb_image_it_expects():
+    """detect_poses flips RGB → BGR itself; prepare.py used to flip first, so the networks saw RGB as BGR."""
+    from support.controlnet_aux_shapes import FakeOpenposeDetector
+    from training.prepare import PoseDetector
+    fake = FakeOpenposeDetector([_openpose_person(missing=(5,))])
+    det = PoseDetector.__new__(PoseDetector)
+    det.detector = fake
+    rgb = np.zeros((384, 512, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    rgb[..., 2] = 10
+    out = det(rgb)
+    assert np.array_equal(fake.images[0], rgb)
+    f = parse_pose(out)
+    assert (f.width, f.height) == (512, 384) and f.people[0].face[5, 2] == 0
+    assert face_box(f.people[0])[0] > 150
