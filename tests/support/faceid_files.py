@@ -1,0 +1,107 @@
+"""Random-valued IP-Adapter-FaceID files in the published SD1.5 layout, written by key name and shape from the
+public description (tencent-ailab/IP-Adapter module state dicts; h94/IP-Adapter-FaceID file listing) — not by
+the pack's own layout code, so a mistake there cannot hide behind a matching fixture.
+
+fp16 like the published files; ``.bin`` = nested pickle ``{"image_proj", "ip_adapter"}``, ``.safetensors`` = flat
+with ``image_proj.``/``ip_adapter.`` prefixes. Generated at test time, never committed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# hidden width of diffusers' attention processor p (attn1 = 2b, attn2 = 2b+1) for transformer block b in
+# processor order: down 0.0, 0.1, 1.0, 1.1, 2.0, 2.1, up 1.0-1.2, up 2.0-2.2, up 3.0-3.2, mid
+BLOCK_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
+RANK = 128
+
+
+def _rand(shape, g, std=0.02):
+    return (torch.randn(shape, generator=g) * std).to(torch.float16)
+
+
+def image_proj(tokens: int = 4, plus: bool = False, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {"proj.0.weight": _rand((1024, 512), g, 0.05), "proj.0.bias": _rand((1024,), g),
+          "proj.2.weight": _rand((768 * tokens, 1024), g, 0.05), "proj.2.bias": _rand((768 * tokens,), g),
+          "norm.weight": (1 + _rand((768,), g).float()).half(), "norm.bias": _rand((768,), g)}
+    if plus:
+        pr = "perceiver_resampler."
+        sd.update({pr + "proj_in.weight": _rand((768, 1280), g), pr + "proj_in.bias": _rand((768,), g),
+                   pr + "proj_out.weight": _rand((768, 768), g), pr + "proj_out.bias": _rand((768,), g),
+                   pr + "norm_out.weight": torch.ones(768, dtype=torch.float16),
+                   pr + "norm_out.bias": _rand((768,), g)})
+        for i in range(4):
+            a, f = f"{pr}layers.{i}.0.", f"{pr}layers.{i}.1."
+            sd.update({a + "norm1.weight": torch.ones(768, dtype=torch.float16), a + "norm1.bias": _rand((768,), g),
+                       a + "norm2.weight": torch.ones(768, dtype=torch.float16), a + "norm2.bias": _rand((768,), g),
+                       a + "to_q.weight": _rand((768, 768), g), a + "to_kv.weight": _rand((1536, 768), g),
+                       a + "to_out.weight": _rand((768, 768), g), f + "0.weight": torch.ones(768, dtype=torch.float16),
+                       f + "0.bias": _rand((768,), g), f + "1.weight": _rand((3072, 768), g),
+                       f + "3.weight": _rand((768, 3072), g)})
+    return sd
+
+
+def ip_adapter(lora: bool = True, seed: int = 1, context_dim: int = 768) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for p in range(32):
+        hidden = BLOCK_WIDTHS[p // 2]
+        if p % 2:
+            sd[f"{p}.to_k_ip.weight"] = _rand((hidden, context_dim), g, 0.05)
+            sd[f"{p}.to_v_ip.weight"] = _rand((hidden, context_dim), g, 0.05)
+        if lora:
+            kv_in = context_dim if p % 2 else hidden
+            for t, fan_in in (("to_q", hidden), ("to_k", kv_in), ("to_v", kv_in), ("to_out", hidden)):
+                sd[f"{p}.{t}_lora.down.weight"] = _rand((RANK, fan_in), g)
+                sd[f"{p}.{t}_lora.up.weight"] = _rand((hidden, RANK), g)
+    return sd
+
+
+def faceid_parts(variant: str = "faceid", seed: int = 0) -> tuple[dict, dict]:
+    """``(image_proj, ip_adapter)`` of a variant (cached per process: the dicts are fresh copies, the tensors shared
+    and never written)."""
+    a, b = _parts(variant, seed)
+    return dict(a), dict(b)
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(variant: str, seed: int) -> tuple[dict, dict]:
+    if variant == "faceid":
+        return image_proj(4, seed=seed), ip_adapter(True, seed + 1)
+    if variant == "plus":
+        return image_proj(4, plus=True, seed=seed), ip_adapter(True, seed + 1)
+    if variant == "portrait":
+        return image_proj(16, seed=seed), ip_adapter(False, seed + 1)
+    if variant == "sdxl":
+        return image_proj(4, seed=seed), ip_adapter(False, seed + 1, context_dim=2048)
+    raise ValueError(variant)
+
+
+def write_bin(path, parts: tuple[dict, dict]) -> None:
+    torch.save({"image_proj": parts[0], "ip_adapter": parts[1]}, str(path))
+
+
+def write_safetensors(path, parts: tuple[dict, dict]) -> None:
+    from safetensors.torch import save_file
+    flat = {f"image_proj.{k}": v.contiguous() for k, v in parts[0].items()}
+    flat.update({f"ip_adapter.{k}": v.contiguous() for k, v in parts[1].items()})
+    save_file(flat, str(path))
+
+
+def kohya_lora(parts: tuple[dict, dict]) -> dict:
+    """The embedded LoRA in kohya naming (``lora_unet_<diffusers path with _>_to_k.lora_down.weight``), like the
+    companion ``*_lora.safetensors`` files."""
+    paths = ([f"down_blocks_{l}_attentions_{i}" for l in range(3) for i in range(2)]
+             + [f"up_blocks_{l}_attentions_{i}" for l in (1, 2, 3) for i in range(3)] + ["mid_block_attentions_0"])
+    out = {}
+    for key, v in parts[1].items():
+        if "_lora." not in key:
+            continue
+        p, target, kind, _ = key.split(".")
+        t = target[:-len("_lora")]
+        t = "to_out_0" if t == "to_out" else t
+        out[f"lora_unet_{paths[int(p) // 2]}_transformer_blocks_0_attn{1 + int(p) % 2}_{t}.lora_{kind}.weight"] = v
+    return out
