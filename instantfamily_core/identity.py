@@ -71,15 +71,41 @@ class IdentityFeatures:
             raise EmbeddingError(f"{name or items[0].name}: the averaged global embedding is zero "
                                  "(opposite embeddings cancel); check the reference images are the same person")
         loc = sum(wi * i.local_map.float() for wi, i in zip(w, items))
+        extra = {k: [x for i in items for x in i.extra[k]] for k in items[0].extra  # per-photo lists concatenate
+                 if all(isinstance(i.extra.get(k), list) for i in items)}
         return IdentityFeatures(g / norm, loc, name=name or items[0].name, num_images=int(weights.sum()),
-                                face_pack=items[0].face_pack)
+                                face_pack=items[0].face_pack, extra=extra)
+
+
+@dataclass(frozen=True)
+class SkippedIdentity:
+    """A person whose reference images held no face (Encode Identity with ``on_no_face = skip``).
+
+    It keeps its place in the identity list, so identity n stays bound to person n: Pose to Masks gives its slot
+    no circle and an all-zero mask (its person keeps only the skeleton), and Apply gives it no tokens (weight 0,
+    keys excluded). ``reason`` says why, for messages and the preview."""
+
+    name: str = "identity"
+    reason: str = "no face found"
+    face_pack: str = ""
+    num_images: int = 0
+
+
+def is_skipped(identity) -> bool:
+    return isinstance(identity, SkippedIdentity)
+
+
+def skipped_slots(identities) -> list[int]:
+    """Positions of :class:`SkippedIdentity` entries in an identity list."""
+    return [n for n, i in enumerate(identities or []) if is_skipped(i)]
 
 
 IDENTITY_FILE_FORMAT = "instantfamily-identities"
 
 
-def save_identities(path: str, identities: Sequence[IdentityFeatures]) -> None:
-    """Write encoded identities to one ``.safetensors`` file (atomically) so they need not be re-encoded."""
+def save_identities(path: str, identities: Sequence[IdentityFeatures | SkippedIdentity]) -> None:
+    """Write encoded identities to one ``.safetensors`` file (atomically) so they need not be re-encoded. A
+    :class:`SkippedIdentity` is kept as a placeholder (name and reason, no tensors) so slots keep their places."""
     import json
 
     from .fileio import save_safetensors_atomic
@@ -87,13 +113,16 @@ def save_identities(path: str, identities: Sequence[IdentityFeatures]) -> None:
         raise EmbeddingError("identities: nothing to save; encode at least one identity")
     tensors, info = {}, []
     for i, ident in enumerate(identities):
+        if is_skipped(ident):
+            info.append({"name": ident.name, "skipped": True, "reason": ident.reason})
+            continue
         tensors[f"identity.{i}.global"] = ident.global_embedding.detach().float().contiguous().cpu()
         tensors[f"identity.{i}.local"] = ident.local_map.detach().float().contiguous().cpu()
         info.append({"name": ident.name, "num_images": ident.num_images, "face_pack": ident.face_pack})
     save_safetensors_atomic(tensors, path, {"format": IDENTITY_FILE_FORMAT, "identities": json.dumps(info)})
 
 
-def load_identities(path: str) -> list[IdentityFeatures]:
+def load_identities(path: str) -> list[IdentityFeatures | SkippedIdentity]:
     """Read a file written by :func:`save_identities`, validating every identity."""
     import json
     import os
@@ -107,7 +136,8 @@ def load_identities(path: str) -> list[IdentityFeatures]:
                 raise EmbeddingError(f"{name}: not an InstantFamily identities file (format "
                                      f"{md.get('format')!r})")
             info = json.loads(md["identities"])
-            return [IdentityFeatures(f.get_tensor(f"identity.{i}.global"), f.get_tensor(f"identity.{i}.local"),
+            return [SkippedIdentity(d["name"], d.get("reason", "no face found")) if d.get("skipped") else
+                    IdentityFeatures(f.get_tensor(f"identity.{i}.global"), f.get_tensor(f"identity.{i}.local"),
                                      name=d["name"], num_images=int(d["num_images"]), face_pack=d["face_pack"])
                     for i, d in enumerate(info)]
     except EmbeddingError:

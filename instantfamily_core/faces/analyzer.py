@@ -36,6 +36,7 @@ from .providers import is_cpu_only, select_providers
 logger = logging.getLogger(__name__)
 
 MIN_RETRY_DET_SIZE = 192
+FACEID_CROP_SIZE = 224
 RETRY_STEP = 64
 
 
@@ -218,9 +219,15 @@ class FaceAnalyzer:
                 logger.warning("%s; skipping it", msg)
                 continue
             f = faces[0]
+            # public-weights (FaceID) mode: per-photo normed embeddings (Portrait) and the 224-px aligned RGB
+            # crop (Plus, for CLIP ViT-H), as the reference makes it: norm_crop(image, kps, image_size=224)
+            crop224 = self._face_align.norm_crop(np.ascontiguousarray(img), landmark=np.asarray(f.kps),
+                                                 image_size=FACEID_CROP_SIZE)
             items.append(IdentityFeatures(torch.from_numpy(f.global_embedding.copy()),
                                           torch.from_numpy(f.local_map.copy()), name=name, num_images=1,
-                                          face_pack=self.pack.name))
+                                          face_pack=self.pack.name,
+                                          extra={"faceid_embeddings": [torch.from_numpy(f.global_embedding.copy())],
+                                                 "faceid_crops": [_readonly(crop224)]}))
         if not items:
             logger.warning("%s: no face in any of the %d reference image(s); no identity encoded", name, len(imgs))
             return None
