@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .pose import PoseFrame, SlotAssignment
+from .pose import PoseFrame, SlotAssignment, expand_box, face_box
 
 LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
          (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)]
@@ -84,7 +84,8 @@ def draw_control_image(slots: SlotAssignment) -> np.ndarray:
 
 def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.ndarray:
     """A person-readable check of the assignment: masks tinted in their slot colour over the control image,
-    mask outlines and the slot number at each face."""
+    mask outlines and the slot number at each face; a skipped identity's person gets a grey box and
+    "<n> skipped"."""
     cv2 = _cv2()
     img = control.astype(np.float32)
     m = slots.masks() if masks is None else masks
@@ -96,12 +97,18 @@ def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.n
     out = np.clip(img, 0, 255).astype(np.uint8)
     scale = max(0.4, min(slots.frame.width, slots.frame.height) / 512)
     for n, box in enumerate(slots.mask_boxes):
-        if box is None:
-            continue
-        x1, y1, x2, y2 = box
-        color = slot_color(n)
-        cv2.rectangle(out, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)), color, 1)
         label = str(n + 1)
+        color = slot_color(n)
+        if box is None:  # empty slot: a skipped identity's person is marked, a padding slot has no person
+            person = slots.person_of_slot[n]
+            fb = None if person is None else face_box(slots.frame.people[person])
+            if fb is None:
+                continue
+            box = expand_box(fb, 0.0, slots.frame.width, slots.frame.height)
+            label += " skipped"
+            color = (160, 160, 160)
+        x1, y1, x2, y2 = box
+        cv2.rectangle(out, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)), color, 1)
         org = (int(x1) + 2, int(y1) + int(18 * scale))
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color, 1, cv2.LINE_AA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -9,11 +10,12 @@ from comfy.utils import ProgressBar
 
 from instantfamily_core.errors import EmbeddingError, NoFaceError
 from instantfamily_core.faces import PROVIDER_CHOICES, get_analyzer
-from instantfamily_core.identity import IdentityFeatures, load_identities, save_identities
+from instantfamily_core.identity import IdentityFeatures, SkippedIdentity, load_identities, save_identities
 
 from . import paths
 from .convert import images_to_uint8
 
+logger = logging.getLogger("InstantFamily")
 CATEGORY = "InstantFamily"
 IDENTITIES = "INSTANTFAMILY_IDENTITIES"
 FACE_ANALYSIS = "INSTANTFAMILY_FACE_ANALYSIS"
@@ -40,7 +42,9 @@ class FaceAnalysisLoader:
 
 class EncodeIdentity:
     DESCRIPTION = ("Encodes one person from one or more reference images (averaged) and appends it to the "
-                   "identity list. The order of the list is the slot order.")
+                   "identity list. The order of the list is the slot order. With on_no_face = skip, a person "
+                   "without a face keeps its place as an explicit 'skipped' entry: its slot (and person in the "
+                   "pose) gets no circle, no mask and no tokens, and later identities stay with their people.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITIES,)
     RETURN_NAMES = ("identities",)
@@ -53,7 +57,10 @@ class EncodeIdentity:
             "image": ("IMAGE", {"tooltip": "one or more photos of the same person"}),
             "name": ("STRING", {"default": "person"}),
             "on_no_face": (["error", "skip"], {"default": "error",
-                                               "tooltip": "skip: leave this identity out when no face is found"}),
+                                               "tooltip": "skip: images without a face are left out; if none has "
+                                                          "one, the list gets a 'skipped' entry that keeps this "
+                                                          "identity's slot (its person gets no identity) so later "
+                                                          "identities are not shifted to other people"}),
         }, "optional": {"identities": (IDENTITIES, {"tooltip": "identities to append this one to"})}}
 
     def encode(self, face_analysis, image, name, on_no_face, identities=None):
@@ -72,6 +79,11 @@ class EncodeIdentity:
         out = list(identities or [])
         if encoded:
             out.append(IdentityFeatures.average(encoded, name=name))
+        else:  # on_no_face == "skip" and no image had a face: keep the slot, say so in the list
+            reason = f"no face found in any of the {len(images)} reference image(s)"
+            logger.warning("%s: %s; slot %d keeps its place without an identity (on_no_face = skip)", name, reason,
+                           len(out) + 1)
+            out.append(SkippedIdentity(name, reason))
         return (out,)
 
 

@@ -12,6 +12,7 @@ import torch
 from instantfamily_core.attention import MODES, MaskedCrossAttention
 from instantfamily_core.checkpoint import CheckpointMeta, load_checkpoint
 from instantfamily_core.errors import BaseModelError, IdentityCountError
+from instantfamily_core.identity import is_skipped, skipped_slots
 from instantfamily_core.projector import IdentityProjector
 
 from . import paths
@@ -127,13 +128,27 @@ class ApplyInstantFamily:
             raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
         masks = check_masks(masks, n)
         weights = [weight * w for w in parse_weights(identity_weights, n)]
-        packs = {i.face_pack for i in identities} - {""}
+        # A skipped identity (on_no_face = skip) keeps its slot but acts nowhere: weight 0 and an empty mask
+        # exclude its keys in either mask mode; its tokens are the null tokens, never attended.
+        skipped = skipped_slots(identities)
+        if skipped:
+            masks = masks.clone()
+            masks[..., skipped, :, :] = 0.0
+            for s in skipped:
+                weights[s] = 0.0
+            logger.warning("InstantFamily: identities %s were skipped (no face); their slots get no identity",
+                           [f"{s + 1} ({identities[s].name})" for s in skipped])
+        real = [i for i in identities if not is_skipped(i)]
+        packs = {i.face_pack for i in real} - {""}
         if packs and instantfamily.meta.face_pack and packs != {instantfamily.meta.face_pack}:
             logger.warning("identities were encoded with %s but %s was trained with %s", sorted(packs),
                            instantfamily.name, instantfamily.meta.face_pack)
         with torch.no_grad():
-            tokens = instantfamily.projector.project(identities).float().cpu()
             null = instantfamily.projector.null_tokens.detach().float().cpu()
+            tokens = null.unsqueeze(0).repeat(n, 1, 1)
+            if real:
+                tokens[[s for s in range(n) if s not in skipped]] = \
+                    instantfamily.projector.project(real).float().cpu()
         mode = instantfamily.meta.mask_mode if mask_mode == "checkpoint" else mask_mode
         attention = MaskedCrossAttention(masks, tokens.shape[1], weights, mode)
         sampling = model.get_model_object("model_sampling")

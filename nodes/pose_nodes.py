@@ -9,6 +9,7 @@ import folder_paths
 import torch
 
 from instantfamily_core.errors import MaskError, ModelFileError, PoseError
+from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
 from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces,
                                      poses_from_controlnet_aux)
@@ -39,7 +40,9 @@ def load_template(name: str):
 class PoseToMasks:
     DESCRIPTION = ("Assigns identity slots to the people of a pose (left to right, or identity_order = person "
                    "indices), draws the OpenPose control image with one coloured circle per slot, and makes one "
-                   "face mask per identity (face box + margin). The preview shows masks and slot numbers.")
+                   "face mask per identity (face box + margin). A skipped identity (Encode Identity, on_no_face = "
+                   "skip) keeps its person but gets no circle and an empty mask. The preview shows masks and slot "
+                   "numbers, and marks skipped slots.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("pose_image", "masks", "preview")
@@ -67,10 +70,12 @@ class PoseToMasks:
                 raise PoseError("pose_keypoint: connect a POSE_KEYPOINT input or choose a template")
             pose_keypoint = load_template(template)
         frame = parse_pose(pose_keypoint, name="pose_keypoint").scaled(width, height)
-        slots = assign_slots(frame, len(identities), parse_order(identity_order), margin)
+        skipped = skipped_slots(identities)
+        slots = assign_slots(frame, len(identities), parse_order(identity_order), margin, empty=skipped)
         if masks is not None:
             user = validate_masks(masks, expected_count=len(identities), name="masks")
-            out_masks = resize_masks(user, (height, width))
+            out_masks = resize_masks(user, (height, width)).clone()
+            out_masks[skipped] = 0.0  # a skipped identity acts nowhere
         else:
             out_masks = slots.masks()
         control = draw_control_image(slots)
@@ -99,7 +104,7 @@ class PoseFromImage:
                 "optional": {"face_analysis": (FACE_ANALYSIS, {"tooltip": "required by the 'faces' method"})}}
 
     def detect(self, image, method, include_face, face_analysis=None):
-        images = images_to_uint8(image, "image")
+        images = images_to_uint8(image, "image")  # RGB: controlnet-aux's detect_poses flips to BGR itself
         if method == FACES_METHOD:
             if face_analysis is None:
                 raise ModelFileError("face_analysis: the 'faces' method needs a face analysis input "
