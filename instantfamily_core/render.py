@@ -64,6 +64,25 @@ def draw_skeletons(frame: PoseFrame) -> np.ndarray:
     return canvas
 
 
+FACE_POINT_RADIUS = 3  # OpenPose's face landmarks: white dots of radius 3 (ControlNet annotator draw_facepose)
+
+
+def draw_openpose_image(frame: PoseFrame, face_points: bool = True) -> np.ndarray:
+    """The plain OpenPose rendering for a stock OpenPose ControlNet: skeletons, plus each person's face landmarks
+    as white dots when the pose has them; no slot circles (those are InstantFamily's own, out of distribution
+    for ``control_v11p_sd15_openpose``)."""
+    cv2 = _cv2()
+    canvas = draw_skeletons(frame)
+    if face_points:
+        for person in frame.people:
+            if person.face is None:
+                continue
+            for x, y, c in person.face:
+                if c > 0:
+                    cv2.circle(canvas, (int(x), int(y)), FACE_POINT_RADIUS, (255, 255, 255), thickness=-1)
+    return canvas
+
+
 def circle_radius(face_box) -> int:
     x1, y1, x2, y2 = face_box
     return max(3, int(round(CIRCLE_RADIUS_FRACTION * min(x2 - x1, y2 - y1))))

@@ -13,7 +13,7 @@ from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
 from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces,
                                      poses_from_controlnet_aux)
-from instantfamily_core.render import draw_control_image, draw_preview
+from instantfamily_core.render import draw_control_image, draw_openpose_image, draw_preview
 
 from . import paths
 from .convert import images_to_uint8, uint8_to_image
@@ -21,6 +21,7 @@ from .face_nodes import CATEGORY, FACE_ANALYSIS, IDENTITIES
 
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pose_templates")
 NO_TEMPLATE = "none (use pose_keypoint)"
+CONTROL_STYLES = ("skeleton + slot circles (InstantFamily)", "OpenPose: skeleton + face points (public weights)")
 
 
 def template_names() -> list[str]:
@@ -62,9 +63,13 @@ class PoseToMasks:
             "pose_keypoint": ("POSE_KEYPOINT", {"tooltip": "from an OpenPose/DWPose preprocessor; wins over "
                                                            "the template"}),
             "masks": ("MASK", {"tooltip": "one mask per identity, replaces the automatic face masks"}),
+            "control_image": (list(CONTROL_STYLES), {"default": CONTROL_STYLES[0], "tooltip": (
+                "slot circles: InstantFamily's ControlNet; OpenPose: for a stock OpenPose ControlNet (public-weights "
+                "mode) — skeletons, face landmarks as white dots when the pose has them, no slot circles")}),
         }}
 
-    def run(self, identities, template, width, height, margin, identity_order, pose_keypoint=None, masks=None):
+    def run(self, identities, template, width, height, margin, identity_order, pose_keypoint=None, masks=None,
+            control_image=None):
         if pose_keypoint is None:
             if template == NO_TEMPLATE:
                 raise PoseError("pose_keypoint: connect a POSE_KEYPOINT input or choose a template")
@@ -78,7 +83,12 @@ class PoseToMasks:
             out_masks[skipped] = 0.0  # a skipped identity acts nowhere
         else:
             out_masks = slots.masks()
-        control = draw_control_image(slots)
+        if control_image in (None, CONTROL_STYLES[0]):
+            control = draw_control_image(slots)
+        elif control_image == CONTROL_STYLES[1]:
+            control = draw_openpose_image(slots.frame)
+        else:
+            raise PoseError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
         preview = draw_preview(control, slots, out_masks)
         return (uint8_to_image(control), out_masks, uint8_to_image(preview))
 
