@@ -20,7 +20,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from instantfamily_core.errors import CheckpointError
 
-from .patch import Attn2Hook, InstantFamilyAttention, attn2_modules
+from .patch import REGIONS_KEY, Attn2Hook, InstantFamilyAttention, attn2_modules
 
 DIFFUSERS_HINT_CHANNELS = [16, 32, 96, 256]  # what cldm's input_hint_block is built with
 
@@ -32,6 +32,7 @@ class MaskedControlNetModel(comfy.cldm.cldm.ControlNet):
         if transformer_options is None:
             return super().forward(x, hint, timesteps, context, y=y, **kwargs)
         opts = transformer_options
+        opts["original_shape"] = list(x.shape)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(x.dtype))
         guided_hint = self.input_hint_block(hint, emb, context)
         if self.num_classes is not None:
@@ -65,8 +66,8 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
         state = self.instantfamily
         if state is None:
             return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
-        opts = {k: transformer_options[k] for k in ("cond_or_uncond", "uuids", "sigmas", "sample_sigmas")
-                if k in transformer_options}
+        opts = {k: transformer_options[k] for k in ("cond_or_uncond", "uuids", "sigmas", "sample_sigmas",
+                                                    REGIONS_KEY) if k in transformer_options}
         hook = self.hook()
         opts["patches_replace"] = {"attn2": {key: hook for key in hook.modules}}
         self.extra_args["transformer_options"] = opts

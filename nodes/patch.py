@@ -1,58 +1,156 @@
-"""The attn2 hook that puts InstantFamily into ComfyUI's cross-attention — UNet and ControlNet alike.
+"""The attn2 hook that puts identities into ComfyUI's cross-attention — UNet and ControlNet alike — and lets other
+packs' attention patches run beside it.
 
-ComfyUI's ``BasicTransformerBlock`` (comfy/ldm/modules/attention.py) projects the text context with the block's
-``to_k``/``to_v`` and hands q, k, v to the ``attn2`` replace patch. The hook appends the identity tokens' keys and
-values — the same ``to_k``/``to_v`` applied to the identity tokens, i.e. exactly the stack ``[text; identities]``
-— using real tokens on cond rows and the null identity on uncond rows (``cond_or_uncond``), then runs the core
-:class:`MaskedCrossAttention` on ComfyUI's active backend with the masks resized to the block's actual
-``activations_shape``.
+**Where the hook sits.** ComfyUI's ``BasicTransformerBlock`` (comfy/ldm/modules/attention.py) projects the text
+context with the block's ``to_k``/``to_v`` and hands q, k, v to the ``attn2`` replace patch it finds under the
+3-part key ``(block, number, transformer_index)`` or, failing that, the 2-part key ``(block, number)``. This pack
+registers one :class:`Attn2Hook` per model under the **2-part keys**, where IPAdapter-style packs look, so that
+both kinds of pack compose instead of one silently shadowing the other.
+
+**The protocol of IPAdapter-style packs** (a fact about their behaviour, implemented here from scratch): a pack
+that finds a replace patch under ``(block, number)`` calls ``patch.add(callback, **kwargs)`` on it; otherwise it
+puts its own patch there, holding lists ``callback`` and ``kwargs``. At run time each callback is called as
+``callback(out, q, k, v, extra_options, **kwargs)`` after the base attention, when
+``kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]``, and its result is **added** to ``out``. The hook
+accepts ``.add``; when it is installed over such a patch it takes over that patch's callbacks. A replace patch
+that follows no known protocol is replaced with one warning naming the blocks (composition is impossible: both
+compute the whole attention). ``ModelPatcher.clone()`` deep-copies ``model_options``; a hook's deep copy is a new
+hook with its own callback lists sharing the heavy state, so ``.add`` on a later clone never reaches an earlier
+model.
+
+**Two attention rules share this hook:**
+
+* the InstantFamily rule (:class:`InstantFamilyAttention`): the *base* attention of the block becomes the joint
+  masked attention over ``[text; identities]`` — the identity tokens' keys and values are the block's own
+  ``to_k``/``to_v`` applied to them — run by the core :class:`MaskedCrossAttention`;
+* additive rules, e.g. the public-weights (IP-Adapter-FaceID) mode: callbacks added through the protocol above,
+  which compute their own term per block.
+
+Both build on :class:`IdentityState`: identity tokens, masks at each block's real size (with per-row crops for
+area conditioning), cond/uncond row selection, the start/end sigma gate, and per-run caches.
+
+**Rows and areas.** Real tokens go on cond rows, uncond tokens on uncond rows (``cond_or_uncond``). ComfyUI runs
+area conditionings (ConditioningSetArea, ConditioningSetMask with "mask bounds") on crops of the latent and
+batches crops of equal size from different places. A ``CALC_COND_BATCH`` wrapper (:func:`regions_wrapper`)
+records the full latent size and each conditioning's area under ``transformer_options["instantfamily_regions"]``;
+each row's masks are cropped to its area before they are resized to the block, so a face keeps its place in the
+picture. A model call on a crop whose area is unknown is refused with a message.
+
+**Backends.** Masked calls need a kernel that honours an additive mask. ComfyUI's sub-quadratic, PyTorch SDPA,
+split, basic and xformers kernels do; sage ignores it and flash rejects it, as may an
+``optimized_attention_override`` installed by another pack. Masked calls therefore run on ComfyUI's PyTorch kernel
+whenever the selected backend is not known to honour masks, and unmasked calls keep the selected one.
 
 Identities never travel inside CONDITIONING, so ComfyUI's batching of conditionings of different lengths (LCM
-repetition) cannot misplace them, and positive and negative always get the same layout. The identity tokens and
-the weights are constant during a sampling run, so their keys/values are projected once per block and run (not
-at every step); a new run (a new ``sample_sigmas``) projects again, picking up weight patches such as LoRAs.
-Outside the start/end range the hook steps aside: plain text attention, exactly as without the patch.
+repetition) cannot misplace them. Keys/values of identity tokens are projected once per block and sampling run (a
+new ``sample_sigmas`` projects again, picking up weight patches such as LoRAs). Outside the start/end range a rule
+steps aside: plain text attention, exactly as without the patch.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 
 from instantfamily_core.attention import MaskedCrossAttention
 from instantfamily_core.errors import MaskError
+from instantfamily_core.masks import resize_masks
+
+logger = logging.getLogger("InstantFamily")
 
 ASPECT_TOLERANCE = 0.05
+REGIONS_KEY = "instantfamily_regions"
+WRAPPER_KEY = "instantfamily_regions"
+MASK_BACKENDS = ("attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch",
+                 "attention_xformers")
+"""ComfyUI kernels that apply an additive ``mask`` argument."""
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
 
 
 def comfy_attention(extra_options: dict) -> Callable:
-    """The core's ``attention_fn`` contract on top of ComfyUI's selected backend (read at call time)."""
+    """The core's ``attention_fn`` contract on top of ComfyUI's selected backend (read at call time).
+
+    Unmasked calls use ComfyUI's selected kernel (and any ``optimized_attention_override``); masked calls use it
+    only when it is one of :data:`MASK_BACKENDS`, else ComfyUI's PyTorch kernel, without an override that might
+    drop the mask."""
     import comfy.ldm.modules.attention as attention
 
+    selected = attention.optimized_attention
+    masked_ok = any(selected is getattr(attention, name, None) for name in MASK_BACKENDS)
+    override = "optimized_attention_override" in extra_options
+
     def fn(q, k, v, heads, mask=None):
-        return attention.optimized_attention(q, k, v, heads, mask=mask, attn_precision=extra_options.get(
-            "attn_precision"), transformer_options=extra_options)
+        precision = extra_options.get("attn_precision")
+        if mask is None:
+            return selected(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+        kernel = selected if masked_ok else attention.attention_pytorch
+        if override or not masked_ok:
+            _warn_once(("backend", getattr(selected, "__name__", repr(selected)), override),
+                       f"InstantFamily: masked identity attention runs on ComfyUI's PyTorch attention because the "
+                       f"selected attention ({getattr(selected, '__name__', selected)}"
+                       f"{' with an optimized_attention_override' if override else ''}) may ignore masks; "
+                       "unmasked attention keeps it")
+            kernel = attention.attention_pytorch
+            return kernel(q, k, v, heads, mask=mask, attn_precision=precision)
+        return kernel(q, k, v, heads, mask=mask, attn_precision=precision, transformer_options=extra_options)
     return fn
 
 
-class InstantFamilyAttention:
-    """Per-apply state shared by the UNet's and the ControlNet's hooks.
+class RunCache:
+    """Values built once per sampling run (identified by the ``sample_sigmas`` tensor) and key."""
 
-    ``tokens``: ``(N, T, D)`` identity tokens; ``null_tokens``: ``(T, D)``; ``attention``: the masked attention
-    for these identities' masks and weights; ``sigma_range``: (sigma_start, sigma_end) — active while
-    ``sigma_end <= sigma <= sigma_start``; ``attention_fn``: a fixed backend (default: ComfyUI's, per call).
+    def __init__(self):
+        self.run = None
+        self.data: dict = {}
+
+    def get(self, run, key, build: Callable):
+        if self.run is not run:
+            self.run, self.data = run, {}
+        if key not in self.data:
+            self.data[key] = build()
+        return self.data[key]
+
+
+def chunk_of_rows(extra_options: dict, rows: int) -> list[int]:
+    """For each batch row, the index of its chunk in ``cond_or_uncond`` / ``uuids``."""
+    chunks = len(extra_options.get("cond_or_uncond") or (0,))
+    per = max(1, rows // chunks)
+    return [min(r // per, chunks - 1) for r in range(rows)]
+
+
+def uncond_rows(extra_options: dict, rows: int) -> tuple[bool, ...]:
+    """For each batch row, whether it belongs to the unconditional (negative) branch."""
+    chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
+    return tuple(chunks[c] == 1 for c in chunk_of_rows(extra_options, rows))
+
+
+class IdentityState:
+    """What every identity rule shares: N identities' tokens, their masks and weights, the start/end gate, the
+    latent check, per-row masks for area conditioning, and per-run caches.
+
+    ``tokens``: ``(N, T, D)``; ``uncond_tokens``: ``(T, D)`` for every identity, or ``(N, T, D)``; ``masks``:
+    ``(N, H, W)`` at image resolution (slot order); ``sigma_range``: (sigma_start, sigma_end), active while
+    ``sigma_end <= sigma <= sigma_start``.
     """
 
-    def __init__(self, tokens: torch.Tensor, null_tokens: torch.Tensor, attention: MaskedCrossAttention,
-                 sigma_range: Optional[tuple[float, float]] = None, attention_fn: Optional[Callable] = None):
+    def __init__(self, tokens: torch.Tensor, uncond_tokens: torch.Tensor, masks: torch.Tensor,
+                 sigma_range: Optional[tuple[float, float]] = None):
         self.tokens = tokens.detach()
-        self.null_tokens = null_tokens.detach()
-        self.attention = attention
-        self.mask_hw = tuple(int(v) for v in attention.masks.shape[-2:])
+        self.null_tokens = uncond_tokens.detach()
+        self.masks = masks
+        self.mask_hw = tuple(int(v) for v in masks.shape[-2:])
         self.sigma_range = sigma_range
-        self.attention_fn = attention_fn
         self._gate: tuple = (None, True)
+        self.cache = RunCache()
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; this state is shared
         return self
@@ -61,12 +159,12 @@ class InstantFamilyAttention:
     def num_identities(self) -> int:
         return int(self.tokens.shape[0])
 
-    def check_latent(self, original_shape) -> None:
+    def check_latent(self, latent_hw) -> None:
         """Masks are resized to each feature map by stretching: their aspect ratio must be the latent's, or faces
         would land beside their masks (and beside the ControlNet's centre-cropped pose image)."""
-        if not original_shape or self.num_identities == 0:
+        if not latent_hw or self.num_identities == 0:
             return
-        lh, lw = int(original_shape[-2]), int(original_shape[-1])
+        lh, lw = int(latent_hw[-2]), int(latent_hw[-1])
         mh, mw = self.mask_hw
         if abs((mw / mh) / (lw / lh) - 1) > ASPECT_TOLERANCE:
             raise MaskError(f"masks: {mw}×{mh} px (aspect {mw / mh:.2f}) but the latent is {lw * 8}×{lh * 8} px "
@@ -86,6 +184,93 @@ class InstantFamilyAttention:
             start, end = self.sigma_range
             self._gate = (sigmas, end <= sigma <= start)
         return self._gate[1]
+
+    def row_areas(self, extra_options: dict, rows: int) -> Optional[tuple]:
+        """Per batch row, the latent area ``(h, w, y, x)`` it was cropped to, or ``None`` when every row is the
+        whole latent. Checks the masks' aspect against the full latent once per run."""
+        regions = extra_options.get(REGIONS_KEY)
+        shape = extra_options.get("original_shape")
+        run = extra_options.get("sample_sigmas")
+        full = tuple(regions["latent_hw"]) if regions else (tuple(shape[-2:]) if shape else None)
+        self.cache.get(run, ("latent", full), lambda: self.check_latent(full))
+        if shape is None or full is None or tuple(shape[-2:]) == full:
+            return None
+        uuids = list(extra_options.get("uuids") or ())
+        areas = (regions or {}).get("areas", {})
+        chunk = chunk_of_rows(extra_options, rows)
+        found = tuple(areas.get(uuids[c]) if c < len(uuids) else None for c in chunk)
+        if any(a is None or tuple(a[:2]) != tuple(shape[-2:]) for a in found):
+            raise MaskError(f"area conditioning: the model runs on a {shape[-1] * 8}×{shape[-2] * 8} px crop of the "
+                            f"{full[1] * 8}×{full[0] * 8} px latent, but which area it is is unknown, so identity "
+                            "masks cannot be placed; use ConditioningSetMask without 'mask bounds', or apply "
+                            "InstantFamily to a model whose conditionings cover the whole image")
+        return found
+
+    def row_masks(self, extra_options: dict, rows: int) -> Optional[torch.Tensor]:
+        """``None`` when the masks apply as they are (whole latent), else per-row masks ``(rows, N, h, w)``: each
+        row's masks cropped to its area (at 8 px per latent cell)."""
+        areas = self.row_areas(extra_options, rows)
+        if areas is None:
+            return None
+
+        def build():
+            regions = extra_options[REGIONS_KEY]
+            lh, lw = regions["latent_hw"]
+            full = resize_masks(self.masks, (lh * 8, lw * 8)) if self.masks.shape[-2:] != (lh * 8, lw * 8) else \
+                self.masks
+            return torch.stack([full[..., y * 8:(y + h) * 8, x * 8:(x + w) * 8] for h, w, y, x in areas])
+        return self.cache.get(extra_options.get("sample_sigmas"), ("row_masks", areas), build)
+
+    def per_row(self, key, extra_options: dict, rows: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """``(rows, …)``: ``cond`` on cond rows, ``uncond`` on uncond rows (cached per run and layout)."""
+        flags = uncond_rows(extra_options, rows)
+        return self.cache.get(extra_options.get("sample_sigmas"), ("rows", key, flags),
+                              lambda: torch.stack([uncond if u else cond for u in flags]))
+
+
+class InstantFamilyAttention(IdentityState):
+    """The InstantFamily rule: joint masked attention over ``[text; identities]`` as a block's base attention.
+
+    ``attention``: the core masked attention for these identities' masks, weights and mode; ``attention_fn``: a
+    fixed backend (default: ComfyUI's, per call, see :func:`comfy_attention`).
+    """
+
+    def __init__(self, tokens: torch.Tensor, null_tokens: torch.Tensor, attention: MaskedCrossAttention,
+                 sigma_range: Optional[tuple[float, float]] = None, attention_fn: Optional[Callable] = None):
+        super().__init__(tokens, null_tokens, attention.masks, sigma_range)
+        self.attention = attention
+        self.attention_fn = attention_fn
+
+    def attention_for(self, extra_options: dict, rows: int) -> MaskedCrossAttention:
+        """The masked attention for this call's rows: the apply node's, or one over each row's cropped masks
+        (area conditioning), built once per run and set of areas."""
+        row_masks = self.row_masks(extra_options, rows)
+        if row_masks is None:
+            return self.attention
+        a = self.attention
+        return self.cache.get(extra_options.get("sample_sigmas"), ("attention", id(row_masks)),
+                              lambda: MaskedCrossAttention(row_masks, a.tokens_per_identity, a.weights.tolist(),
+                                                           a.mode))
+
+    def identity_kv(self, attn, like: torch.Tensor, extra_options: dict):
+        """``(rows, N·T, C)`` keys and values of the identities through block ``attn``'s ``to_k``/``to_v``: real
+        identities on cond rows, the null identity on uncond rows; projected once per block and run."""
+        def project():
+            real = self.tokens.to(like.device, like.dtype).flatten(0, 1).unsqueeze(0)
+            null = self.null_tokens.to(like.device, like.dtype)
+            null = (null.flatten(0, 1) if null.ndim == 3 else null.repeat(self.num_identities, 1)).unsqueeze(0)
+            return attn.to_k(real)[0], attn.to_v(real)[0], attn.to_k(null)[0], attn.to_v(null)[0]
+        kr, vr, kn, vn = self.cache.get(extra_options.get("sample_sigmas"), ("kv", id(attn), like.device, like.dtype),
+                                        project)
+        rows = like.shape[0]
+        return (self.per_row(("k", id(attn), like.device, like.dtype), extra_options, rows, kr, kn),
+                self.per_row(("v", id(attn), like.device, like.dtype), extra_options, rows, vr, vn))
+
+    def __call__(self, attn, q, k, v, extra_options: dict, fn: Callable) -> torch.Tensor:
+        k_ids, v_ids = self.identity_kv(attn, k, extra_options)
+        attention = self.attention_for(extra_options, q.shape[0])
+        return attention(q, torch.cat([k, k_ids], dim=1), torch.cat([v, v_ids], dim=1), extra_options["n_heads"],
+                         tuple(extra_options["activations_shape"][-2:]), attention_fn=fn)
 
 
 def attn2_modules(diffusion_model) -> dict:
@@ -107,64 +292,131 @@ def attn2_modules(diffusion_model) -> dict:
     return found
 
 
+def sigma_of(extra_options: dict) -> Optional[float]:
+    sigmas = extra_options.get("sigmas")
+    return None if sigmas is None else float(sigmas.detach().flatten()[0])
+
+
 class Attn2Hook:
     """The ``attn2`` replace patch of one model (UNet or ControlNet: their block keys overlap, so each model has
-    its own hook bound to its own ``attn2`` modules) sharing an :class:`InstantFamilyAttention`."""
+    its own hook bound to its own ``attn2`` modules).
 
-    def __init__(self, state: InstantFamilyAttention, modules: dict):
+    ``state``: the base rule (:class:`InstantFamilyAttention`) or ``None`` for plain attention; ``callback`` /
+    ``kwargs``: additive rules in the IPAdapter-style protocol (see the module docstring)."""
+
+    def __init__(self, state: Optional[InstantFamilyAttention], modules: dict):
         self.state = state
         self.modules = modules
-        self._run = None
-        self._kv: dict = {}
-        self._rows: dict = {}
+        self.callback: list = []
+        self.kwargs: list = []
+
+    def add(self, callback: Callable, **kwargs) -> None:
+        """Protocol entry: ``callback(out, q, k, v, extra_options, **kwargs)`` is added to the output while
+        ``kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]`` (always, without those keys)."""
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
 
     def __deepcopy__(self, memo):
-        return self
-
-    def _identity_kv(self, key, like: torch.Tensor, run, original_shape=None):
-        """Keys/values of the identity and null tokens through this block's projections, once per run."""
-        if self._run is not run:
-            self.state.check_latent(original_shape)
-            self._run, self._kv, self._rows = run, {}, {}
-        ck = (key, like.device, like.dtype)
-        if ck not in self._kv:
-            attn, st = self.modules[key], self.state
-            real = st.tokens.to(like.device, like.dtype).flatten(0, 1).unsqueeze(0)
-            null = st.null_tokens.to(like.device, like.dtype).repeat(st.num_identities, 1).unsqueeze(0)
-            self._kv[ck] = (attn.to_k(real)[0], attn.to_v(real)[0], attn.to_k(null)[0], attn.to_v(null)[0])
-        return self._kv[ck]
-
-    def _stacked(self, key, k: torch.Tensor, extra_options: dict):
-        """``(rows, N·T, C)`` keys and values: real identities on cond rows, null on uncond rows."""
-        chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
-        rows = k.shape[0]
-        ck = (key, chunks, rows, k.device, k.dtype)
-        kr, vr, kn, vn = self._identity_kv(key, k, extra_options.get("sample_sigmas"),
-                                           extra_options.get("original_shape"))
-        if ck not in self._rows:
-            per = max(1, rows // len(chunks))
-            uncond = [chunks[min(i // per, len(chunks) - 1)] == 1 for i in range(rows)]
-            self._rows[ck] = (torch.stack([kn if u else kr for u in uncond]),
-                              torch.stack([vn if u else vr for u in uncond]))
-        return self._rows[ck]
+        twin = Attn2Hook(self.state, self.modules)
+        twin.callback, twin.kwargs = list(self.callback), list(self.kwargs)
+        return twin
 
     def __call__(self, q, k, v, extra_options):
         st = self.state
-        fn = st.attention_fn or comfy_attention(extra_options)
-        heads = extra_options["n_heads"]
-        if not st.active(extra_options):
-            return fn(q, k, v, heads)
-        key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
-        k_ids, v_ids = self._stacked(key, k, extra_options)
-        k = torch.cat([k, k_ids], dim=1)
-        v = torch.cat([v, v_ids], dim=1)
-        return st.attention(q, k, v, heads, tuple(extra_options["activations_shape"][-2:]), attention_fn=fn)
+        fn = (st.attention_fn if st is not None else None) or comfy_attention(extra_options)
+        if st is not None and st.active(extra_options):
+            key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+            out = st(self.modules[key], q, k, v, extra_options, fn)
+        else:
+            out = fn(q, k, v, extra_options["n_heads"])
+        if self.callback:
+            dtype = out.dtype
+            sigma = sigma_of(extra_options) if any("sigma_start" in kw for kw in self.kwargs) else None
+            for callback, kw in zip(self.callback, self.kwargs):
+                if sigma is not None and "sigma_start" in kw and not (
+                        kw.get("sigma_end", 0.0) <= sigma <= kw["sigma_start"]):
+                    continue
+                out = out + callback(out, q, k, v, extra_options, **kw)
+            out = out.to(dtype)
+        return out
+
+
+def _describe(patch) -> str:
+    """``module.name`` of a patch: the function's own for functions, else its class's."""
+    named = patch if hasattr(patch, "__qualname__") else type(patch)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+
+
+def follows_protocol(patch) -> bool:
+    return callable(getattr(patch, "add", None)) and isinstance(getattr(patch, "callback", None), list) \
+        and isinstance(getattr(patch, "kwargs", None), list)
+
+
+def install_hooks(model, state: Optional[InstantFamilyAttention], callbacks: tuple = (), owner: str = "InstantFamily"):
+    """Put this pack's hook on every cross-attention block of ``model`` (a ModelPatcher, modified in place — pass a
+    clone), with ``state`` as the base rule (``None`` keeps an existing one) and ``callbacks`` (``(fn, kwargs)``)
+    added. Composes with what is there: our hook is copied and extended, a protocol patch's callbacks are taken
+    over, anything else is replaced with one warning naming the blocks."""
+    modules = attn2_modules(model.model.diffusion_model)
+    to = model.model_options.setdefault("transformer_options", {})
+    replace = to.setdefault("patches_replace", {}).setdefault("attn2", {})
+    replaced = []
+    for name, number in dict.fromkeys((n, b) for n, b, _ in modules):
+        block_modules = {key: m for key, m in modules.items() if key[:2] == (name, number)}
+        found = [(key, replace.pop(key)) for key in list(replace) if len(key) == 3 and key[:2] == (name, number)]
+        if (name, number) in replace:
+            found.append(((name, number), replace.pop((name, number))))
+        hook = Attn2Hook(None, block_modules)
+        for key, patch in found:
+            if isinstance(patch, Attn2Hook):
+                if patch.state is not None and state is not None and patch.state is not state:
+                    replaced.append(f"{key} (an earlier InstantFamily apply)")
+                hook.state = patch.state
+                hook.modules = {**patch.modules, **block_modules}
+                hook.callback += patch.callback
+                hook.kwargs += patch.kwargs
+            elif follows_protocol(patch):
+                hook.callback += list(patch.callback)
+                hook.kwargs += list(patch.kwargs)
+            else:
+                replaced.append(f"{key} ({_describe(patch)})")
+        if state is not None:
+            hook.state = state
+        for fn, kwargs in callbacks:
+            hook.add(fn, **kwargs)
+        replace[(name, number)] = hook
+    if replaced:
+        logger.warning("%s: replaced attn2 patches that follow no known protocol (they compute the whole "
+                       "attention, so they cannot run beside ours): %s", owner, ", ".join(replaced))
+    _add_regions_wrapper(model)
+    return model
+
+
+def regions_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """``CALC_COND_BATCH`` wrapper: records the full latent size and each conditioning's latent area (by uuid) for
+    the hooks, in a copy of ``model_options``."""
+    areas = {}
+    hw = tuple(int(s) for s in x_in.shape[-2:])
+    for cond in conds:
+        for c in cond or ():
+            if "area" in c and "uuid" in c:
+                a = list(c["area"])
+                if len(a) == 4:  # (h, w, y, x) in latent cells, clipped as ComfyUI clips them
+                    h, w, y, x = (int(v) for v in a)
+                    areas[c["uuid"]] = (min(h, hw[0] - y), min(w, hw[1] - x), y, x)
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}),
+                                      REGIONS_KEY: {"latent_hw": hw, "areas": areas}}
+    return executor(model, conds, x_in, timestep, options)
+
+
+def _add_regions_wrapper(model) -> None:
+    import comfy.patcher_extension as ext
+    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
+    if regions_wrapper not in wrappers.get(ext.WrappersMP.CALC_COND_BATCH, {}).get(WRAPPER_KEY, []):
+        model.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, regions_wrapper)
 
 
 def patch_model(model, state: InstantFamilyAttention):
-    """A clone of ``model`` (ModelPatcher) with the InstantFamily hook on every cross-attention block."""
-    m = model.clone()
-    hook = Attn2Hook(state, attn2_modules(m.model.diffusion_model))
-    for name, number, idx in hook.modules:
-        m.set_model_attn2_replace(hook, name, number, idx)
-    return m
+    """A clone of ``model`` (ModelPatcher) with the InstantFamily rule on every cross-attention block."""
+    return install_hooks(model.clone(), state)

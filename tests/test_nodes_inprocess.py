@@ -130,7 +130,8 @@ def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, 
     original_call = m["patch"].Attn2Hook.__call__
 
     def recording_call(self, q, k, v, extra_options):
-        hooks.append((id(self), (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])))
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+        hooks.append((self.modules[key], key))
         return original_call(self, q, k, v, extra_options)
     state.attention = Recording()
     m["patch"].Attn2Hook.__call__ = recording_call
@@ -139,15 +140,15 @@ def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, 
     finally:
         m["patch"].Attn2Hook.__call__ = original_call
         state.attention = inner
-    unet_keys = set(m["patch"].attn2_modules(model.model.diffusion_model))
-    cn_keys = set(m["patch"].attn2_modules(ifmodel.controlnet.control_model))
-    assert unet_keys and cn_keys
-    by_hook: dict = {}
-    for hook_id, key in hooks:
-        by_hook.setdefault(hook_id, []).append(key)
-    # one euler step = one batched cond+uncond call: two hooks (UNet, ControlNet), each on every one of its blocks
-    assert sorted(sorted(v) for v in by_hook.values()) == sorted([sorted(unet_keys), sorted(cn_keys)])
-    assert len(calls) == len(unet_keys) + len(cn_keys)  # and each ran the masked attention
+    unet = m["patch"].attn2_modules(model.model.diffusion_model)
+    cn = m["patch"].attn2_modules(ifmodel.controlnet.control_model)
+    assert unet and cn
+    # one euler step = one batched cond+uncond call: every cross-attention of the UNet and of the ControlNet ran
+    # our hook exactly once, each with its own model's module
+    called = sorted((id(module), key) for module, key in hooks)
+    expected = sorted([(id(a), k) for k, a in unet.items()] + [(id(a), k) for k, a in cn.items()])
+    assert called == expected
+    assert len(calls) == len(unet) + len(cn)  # and each ran the masked attention
 
 
 def _block_outputs(m, model, state, x_hw=(8, 8), seed=0):
@@ -370,9 +371,10 @@ def test_identity_keys_go_through_lora_patched_weights(host, ifmodel):
     lora = model.clone()
     lora.add_patches({key: (delta,)}, 1.0)
     patched, pos, neg = apply(host, ifmodel, lora, 1)
-    hook = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    hook = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
     sample(nodes, patched, pos, neg, steps=1)
-    cached = [v for k, v in hook._kv.items() if k[0] == ("input", 1, 0)]
+    attn = hook.modules[("input", 1, 0)]
+    cached = [v for k, v in hook.state.cache.data.items() if k[0] == "kv" and k[1] == id(attn)]
     assert len(cached) == 1
     tokens = hook.state.tokens.flatten(0, 1)
     torch.testing.assert_close(cached[0][0], tokens @ (weight + delta).t(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,309 @@
+"""Coexistence inside a real ComfyUI host: other packs' attn2 patches, every attention backend, regional
+conditioning.
+
+The other pack is a stand-in written here from the *description* of the protocol IPAdapter-style packs follow
+(no code from those packs): a replace patch under the 2-part key ``(block, number)`` holding lists ``callback``
+and ``kwargs``; a later pack calls ``.add(callback, **kwargs)`` on the patch it finds there; at run time each
+callback's result, within its sigma range, is added to the plain attention's output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from test_nodes_inprocess import apply, cond, host, ifmodel, sample  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+
+class StandInReplace:
+    """Another pack's attn2 replace patch: plain attention plus its callbacks."""
+
+    def __init__(self, callback, **kwargs):
+        self.callback = [callback]
+        self.kwargs = [kwargs]
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as A
+        out = A.optimized_attention(q, k, v, extra_options["n_heads"])
+        sigma = float(extra_options["sigmas"].flatten()[0]) if "sigmas" in extra_options else 1e9
+        for callback, kw in zip(self.callback, self.kwargs):
+            if kw["sigma_end"] <= sigma <= kw["sigma_start"]:
+                out = out + callback(out, q, k, v, extra_options, **kw)
+        return out
+
+
+class StyleTokens:
+    """A callback adding ``weight · attention(q, K_style, V_style)``, recording the blocks it ran in."""
+
+    def __init__(self, seed=7, weight=0.5):
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randn(4, 1280, generator=g)
+        self.weight = weight
+        self.calls = []
+
+    def __deepcopy__(self, memo):  # like the plain function such packs register: clones share it
+        return self
+
+    def __call__(self, out, q, k, v, extra_options, **kwargs):
+        import comfy.ldm.modules.attention as A
+        self.calls.append((extra_options["block"][0], extra_options["block"][1]))
+        kv = self.tokens[:, :q.shape[-1]].to(q).expand(q.shape[0], -1, -1)
+        return self.weight * A.attention_basic(q, kv, kv, extra_options["n_heads"])
+
+
+def standin_apply(model, callback, sigma_start=1e9, sigma_end=0.0):
+    """What an IPAdapter-style node does: a clone, then per 2-part key ``.add`` or a new patch."""
+    m = model.clone()
+    to = m.model_options["transformer_options"].copy()
+    to["patches_replace"] = dict(to.get("patches_replace", {}))
+    to["patches_replace"]["attn2"] = dict(to["patches_replace"].get("attn2", {}))
+    for key in block_keys(m):
+        kw = {"sigma_start": sigma_start, "sigma_end": sigma_end}
+        if key in to["patches_replace"]["attn2"]:
+            to["patches_replace"]["attn2"][key].add(callback, **kw)
+        else:
+            to["patches_replace"]["attn2"][key] = StandInReplace(callback, **kw)
+    m.model_options["transformer_options"] = to
+    return m
+
+
+def block_keys(model):
+    from comfy.ldm.modules.attention import SpatialTransformer
+    dm = model.model.diffusion_model
+    keys = []
+    for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+        for number, block in enumerate(blocks):
+            if any(isinstance(layer, SpatialTransformer) for layer in block):
+                keys.append((name, number))
+    return keys
+
+
+def attn2_patches(model):
+    return model.model_options["transformer_options"]["patches_replace"]["attn2"]
+
+
+def spy_rule(state, seen):
+    inner = state.attention
+
+    class Spy:
+        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
+            seen.append(tuple(feature_hw))
+            return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
+    state.attention = Spy()
+    return inner
+
+
+def block_inputs(patch_mod, model, key, rows=2, hw=(8, 8), seed=0):
+    """q, k, v and extra_options for a direct call of one block's attn2 patch."""
+    attn = patch_mod.attn2_modules(model.model.diffusion_model)[(*key, 0)]
+    g = torch.Generator().manual_seed(seed)
+    c = attn.to_q.weight.shape[0]
+    q = torch.randn(rows, hw[0] * hw[1], c, generator=g)
+    k = torch.randn(rows, 77, c, generator=g)
+    v = torch.randn(rows, 77, c, generator=g)
+    opts = {"block": key, "block_index": 0, "n_heads": 8, "cond_or_uncond": [0, 1][:rows],
+            "activations_shape": [rows, c, *hw], "sigmas": torch.tensor([1.0]),
+            "sample_sigmas": torch.tensor([14.6, 1.0, 0.0]), "original_shape": [rows, 4, 16, 16]}
+    return q, k, v, opts
+
+
+@pytest.fixture(scope="module")
+def patch_mod(host):
+    return host[2]["patch"]
+
+
+@pytest.mark.parametrize("order", ["instantfamily_first", "other_pack_first"])
+def test_other_packs_patch_and_instantfamily_both_act(host, ifmodel, patch_mod, order):
+    from support.comfy_models import tiny_sd15
+    nodes, _, m = host
+    model = tiny_sd15()
+    style = StyleTokens()
+    if order == "instantfamily_first":
+        alone, pos, neg = apply(host, ifmodel, model, 2)
+        both = standin_apply(alone, style)
+    else:
+        other = standin_apply(model, style)
+        both, pos, neg = apply(host, ifmodel, other, 2)
+        alone, _, _ = apply(host, ifmodel, model, 2)
+    other_alone = standin_apply(model, StyleTokens())
+    keys = block_keys(model)
+    patches = attn2_patches(both)
+    assert set(patches) == set(keys), "one hook per block, under the 2-part key the other pack looks up"
+    assert all(isinstance(patches[k], patch_mod.Attn2Hook) and patches[k].callback == [style] for k in keys)
+
+    # block level: our output == InstantFamily alone + the other pack's contribution
+    for key in keys:
+        q, k, v, opts = block_inputs(patch_mod, model, key)
+        with torch.no_grad():
+            got = patches[key](q, k, v, dict(opts))
+            ours = attn2_patches(alone)[key](q, k, v, dict(opts))
+            always = {"sigma_start": 1e9, "sigma_end": 0.0}
+            theirs = StandInReplace(StyleTokens(), **always)(q, k, v, dict(opts)) - \
+                StandInReplace(lambda *a, **kw: 0.0, **always)(q, k, v, dict(opts))
+        torch.testing.assert_close(got, ours + theirs, rtol=1e-5, atol=1e-6)
+        assert (theirs.abs() > 1e-4).any()
+
+    # sampling: both act in every block, and the result differs from either alone
+    seen = []
+    state = patches[keys[0]].state
+    inner = spy_rule(state, seen)
+    try:
+        out_both = sample(nodes, both, pos, neg, steps=1)
+    finally:
+        state.attention = inner
+    assert sorted(set(style.calls)) == sorted(keys)
+    assert len(seen) > len(keys)  # the InstantFamily rule ran in every UNet block (plus the ControlNet's)
+    out_alone = sample(nodes, alone, pos, neg, steps=1)
+    out_other = sample(nodes, other_alone, pos, neg, steps=1)
+    assert not torch.allclose(out_both, out_alone, atol=1e-5)
+    assert not torch.allclose(out_both, out_other, atol=1e-5)
+
+
+def test_callbacks_keep_their_own_sigma_range(host, ifmodel, patch_mod):
+    from support.comfy_models import tiny_sd15
+    model = tiny_sd15()
+    alone, _, _ = apply(host, ifmodel, model, 1)
+    inside, outside = StyleTokens(seed=1), StyleTokens(seed=2)
+    both = standin_apply(standin_apply(alone, inside, sigma_start=2.0, sigma_end=0.5), outside,
+                         sigma_start=0.4, sigma_end=0.1)
+    key = block_keys(model)[0]
+    q, k, v, opts = block_inputs(patch_mod, model, key)  # sigma 1.0
+    with torch.no_grad():
+        got = attn2_patches(both)[key](q, k, v, dict(opts))
+        ours = attn2_patches(alone)[key](q, k, v, dict(opts))
+    assert inside.calls and not outside.calls
+    assert not torch.allclose(got, ours, atol=1e-5)
+
+
+def test_a_later_clone_never_reaches_the_earlier_model(host, ifmodel, patch_mod):
+    from support.comfy_models import tiny_sd15
+    model = tiny_sd15()
+    alone, _, _ = apply(host, ifmodel, model, 1)
+    standin_apply(alone, StyleTokens())
+    assert all(not p.callback for p in attn2_patches(alone).values())
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+
+
+def test_unknown_replace_patch_is_replaced_with_a_warning_naming_the_block(host, ifmodel, patch_mod, caplog):
+    from support.comfy_models import tiny_sd15
+    model = tiny_sd15().clone()
+    keys = block_keys(model)
+
+    def opaque(q, k, v, extra_options):
+        raise AssertionError("never called")
+    model.set_model_attn2_replace(opaque, *keys[0])
+    model.set_model_attn2_replace(opaque, *keys[-1], 0)
+    with caplog.at_level(logging.WARNING):
+        patched, _, _ = apply(host, ifmodel, model, 1)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert str(keys[0]) in text and str((*keys[-1], 0)) in text and "opaque" in text
+    assert set(attn2_patches(patched)) == set(keys)
+
+
+def test_masked_calls_fall_back_when_the_backend_ignores_masks(host, patch_mod, monkeypatch):
+    """A backend that drops the mask (as sage does with its **kwargs): identities must still stay inside their
+    masks, and unmasked calls keep using it."""
+    from support.comfy_models import tiny_sd15
+    import comfy.ldm.modules.attention as A
+    from instantfamily_core.attention import MaskedCrossAttention
+    from instantfamily_core.masks import resize_masks
+    calls = {"ignoring": 0}
+
+    def ignoring(q, k, v, heads, mask=None, **kwargs):
+        calls["ignoring"] += 1
+        return A.attention_basic(q, k, v, heads)  # the mask is silently dropped
+    monkeypatch.setattr(A, "optimized_attention", ignoring)
+    model = tiny_sd15()
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :24] = 1
+    masks[1, 16:48, 20:56] = 1
+    tokens, null = torch.randn(2, 50, 768), torch.randn(50, 768)
+    changed = tokens.clone()
+    changed[1] += 1.0
+    inside = resize_masks(masks, (8, 8))[1].flatten() > 0
+
+    def outputs(toks, attention_fn=None):
+        state = patch_mod.InstantFamilyAttention(toks, null, MaskedCrossAttention(masks, 50), None, attention_fn)
+        hook = patch_mod.Attn2Hook(state, patch_mod.attn2_modules(model.model.diffusion_model))
+        res = {}
+        for key in block_keys(model):
+            q, k, v, opts = block_inputs(patch_mod, model, key)
+            with torch.no_grad():
+                res[key] = hook(q, k, v, opts)
+        return res
+    a, b = outputs(tokens), outputs(changed)
+    for key in a:
+        diff = (a[key] - b[key]).abs().amax(dim=2)
+        assert torch.equal(diff[0] > 0, inside), key
+        assert (diff[1] == 0).all(), key
+    # the same property fails when the ignoring backend gets the masked call: the test can tell
+    a, b = outputs(tokens, ignoring), outputs(changed, ignoring)
+    leaked = any(not torch.equal((a[k] - b[k]).abs().amax(dim=2)[0] > 0, inside) for k in a)
+    assert leaked
+    # unmasked calls keep the selected backend
+    before = calls["ignoring"]
+    none = patch_mod.InstantFamilyAttention(torch.zeros(0, 50, 768), null, MaskedCrossAttention(masks[:0], 50))
+    hook = patch_mod.Attn2Hook(none, patch_mod.attn2_modules(model.model.diffusion_model))
+    q, k, v, opts = block_inputs(patch_mod, model, block_keys(model)[0])
+    hook(q, k, v, opts)
+    assert calls["ignoring"] == before + 1
+
+
+def test_area_conditioning_gets_each_rows_masks_cropped_to_its_area(host, ifmodel, patch_mod):
+    """ConditioningSetArea: ComfyUI runs that conditioning on a crop of the latent. The masks used there are the
+    full masks cropped to the same area, in the UNet and in the ControlNet; whole-latent calls use them whole."""
+    from support.comfy_models import tiny_sd15
+    nodes, _, m = host
+    model = tiny_sd15()
+    right_half = nodes.ConditioningSetArea().append(cond(3), 64, 128, 64, 0, 1.0)[0]
+    positive = nodes.ConditioningCombine().combine(cond(1), right_half)[0]
+    patched, pos, neg = apply(host, ifmodel, model, 2, positive=positive)
+    state = attn2_patches(patched)[block_keys(model)[0]].state
+    full = state.masks
+    used = []
+    original = patch_mod.InstantFamilyAttention.attention_for
+
+    def recording(self, extra_options, rows):
+        attention = original(self, extra_options, rows)
+        used.append((tuple(extra_options["original_shape"][-2:]), attention.masks))
+        return attention
+    patch_mod.InstantFamilyAttention.attention_for = recording
+    try:
+        out = sample(nodes, patched, pos, neg, steps=1, size=16)
+    finally:
+        patch_mod.InstantFamilyAttention.attention_for = original
+    assert torch.isfinite(out).all()
+    cropped = [masks for shape, masks in used if shape == (16, 8)]
+    whole = [masks for shape, masks in used if shape == (16, 16)]
+    assert cropped and whole
+    expected = full[..., :, 64:128]
+    for masks in cropped:
+        # two rows: the area conditioning and the uncond copy ComfyUI makes for the same area
+        assert masks.shape == (2, *expected.shape)
+        assert all(torch.equal(row, expected) for row in masks)
+    assert all(masks is full for masks in whole)
+    n_unet = len(block_keys(model))
+    assert len(cropped) > n_unet  # UNet blocks and the ControlNet's
+
+
+def test_a_crop_of_unknown_area_is_refused(host, ifmodel, patch_mod):
+    from instantfamily_core.errors import MaskError
+    from support.comfy_models import tiny_sd15
+    model = tiny_sd15()
+    patched, _, _ = apply(host, ifmodel, model, 1)
+    key = block_keys(model)[0]
+    q, k, v, opts = block_inputs(patch_mod, model, key)
+    opts["original_shape"] = [2, 4, 16, 8]
+    opts["uuids"] = ["a", "b"]
+    opts[patch_mod.REGIONS_KEY] = {"latent_hw": (16, 16), "areas": {"a": (16, 8, 0, 8)}}  # b: unknown
+    with pytest.raises(MaskError, match="area conditioning"):
+        attn2_patches(patched)[key](q, k, v, opts)
