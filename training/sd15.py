@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +26,7 @@ from typing import Optional
 import torch
 
 from instantfamily_core.errors import BaseModelError, ModelFileError
+from instantfamily_core.fileio import save_safetensors_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"
@@ -84,48 +84,188 @@ def load_tokenizer(folder: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # loading
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _safetensors_expected_size(path: Path) -> Optional[int]:
+    """Size a ``.safetensors`` file must have according to its own header (None: no readable header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    return 8 + n + max(ends, default=0)
+
+
+def read_state_dict(path: Path, what: str = "base model") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or PyTorch (``.ckpt``/``.pt``/``.pth``/``.bin``) file, unwrapped from a
+    ``state_dict`` entry (or a single-entry wrapper) the way ComfyUI's ``load_torch_file`` does. PyTorch files are
+    read with ``weights_only=True`` (no code runs); a truncated file is reported as such."""
+    path = Path(path)
     name = path.name
     if not path.is_file():
-        raise ModelFileError(f"base model: file not found at {path}")
-    try:
-        if path.suffix == ".safetensors":
+        raise ModelFileError(f"{what}: file not found at {path}")
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        expected = _safetensors_expected_size(path)
+        if expected is None:
+            raise ModelFileError(f"{what}: {name} is not a readable .safetensors file (no valid header; "
+                                 f"{size} bytes)")
+        if size < expected:
+            raise ModelFileError(f"{what}: {name} is truncated: {size} bytes of the {expected} its header "
+                                 "declares; copy or download it again")
+        try:
             from safetensors.torch import load_file
             sd = load_file(str(path))
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise ModelFileError(f"{what}: cannot read {name} ({type(e).__name__}: {e})") from None
+    else:
+        import zipfile
+        if zipfile.is_zipfile(path):
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ModelFileError(f"{what}: cannot read {name} safely ({type(e).__name__}: {e}); convert it to "
+                                     ".safetensors") from None
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
-    except Exception as e:
-        raise ModelFileError(f"{name}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict):
-        raise ModelFileError(f"{name}: expected a state dict, got {type(sd).__name__}")
-    return sd
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if magic[:2] == b"PK":  # a zip archive without its central directory: cut short
+                raise ModelFileError(f"{what}: {name} is truncated (a PyTorch zip archive without its end, "
+                                     f"{size} bytes); copy or download it again")
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ModelFileError(f"{what}: cannot read {name} as a PyTorch checkpoint ({type(e).__name__}: "
+                                     f"{e}); is the file complete?") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    elif isinstance(sd, dict) and len(sd) == 1 and isinstance(next(iter(sd.values())), dict):
+        sd = next(iter(sd.values()))
+    if not isinstance(sd, dict) or not sd:
+        raise ModelFileError(f"{what}: {name}: expected a state dict of tensors, got {type(sd).__name__}")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def describe_file(sd: dict) -> Optional[str]:
+    """What a state dict that is *not* a full SD1.5 checkpoint is, for error messages (None: looks like SD1.5)."""
+    keys = list(sd)
+    if any(k.startswith("conditioner.embedders") for k in keys) or UNET_PREFIX + "label_emb.0.0.weight" in sd:
+        return "an SDXL checkpoint"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "an SD2.x checkpoint (OpenCLIP text encoder)"
+    if any(("lora_down" in k or "lora_up" in k or ".lora_A." in k or ".lora_B." in k or k.startswith(("lora_unet_",
+           "lora_te"))) for k in keys):
+        return "a LoRA"
+    if any(k.startswith("control_model.") or k.startswith("zero_convs.") or k.startswith("input_hint_block.")
+           or k.startswith("controlnet_cond_embedding.") for k in keys) and UNET_PREFIX + "input_blocks.0.0.weight" \
+            not in sd:
+        return "a ControlNet"
+    if "string_to_param" in sd or "emb_params" in sd or "clip_l" in sd:
+        return "a textual-inversion embedding"
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys) \
+            and not any(k.startswith(UNET_PREFIX) for k in keys):
+        return "a VAE"
+    if any(k.startswith(("down_blocks.", "mid_block.", "conv_in.")) for k in keys):
+        return "a diffusers UNet weight file (give the whole diffusers folder instead)"
+    conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        return "not an SD checkpoint in the original (LDM) layout (no 'model.diffusion_model.input_blocks.0.0.weight')"
+    if conv_in.ndim == 4 and conv_in.shape[1] == 9:
+        return "an SD1.5 inpainting checkpoint (9 input channels)"
+    if conv_in.ndim == 4 and conv_in.shape[1] != 4:
+        return f"a UNet with {conv_in.shape[1]} input channels (SD1.5 has 4)"
+    ctx = [v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if ctx and ctx[0] == 1024:
+        return "an SD2.x checkpoint (1024-wide cross-attention)"
+    if ctx and ctx[0] != 768:
+        return f"a UNet with {ctx[0]}-wide cross-attention (SD1.5 has 768)"
+    return None
 
 
 def check_sd15_single_file(sd: dict, name: str) -> None:
-    if any(k.startswith("conditioner.embedders") for k in sd):
-        raise BaseModelError(f"{name}: this is an SDXL checkpoint; InstantFamily trains on Stable Diffusion 1.5")
-    if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise BaseModelError(f"{name}: this is an SD2.x (OpenCLIP) checkpoint; InstantFamily trains on SD1.5")
-    key = UNET_PREFIX + "input_blocks.0.0.weight"
-    if key not in sd:
-        raise BaseModelError(f"{name}: no '{key}'; not an SD1.5 single-file checkpoint (LDM layout)")
-    ctx = [v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
-    if ctx and ctx[0] != 768:
-        raise BaseModelError(f"{name}: cross-attention width {ctx[0]}, SD1.5 has 768")
+    kind = describe_file(sd)
+    if kind is not None:
+        raise BaseModelError(f"--base {name}: this is {kind}; InstantFamily trains on a full Stable Diffusion 1.5 "
+                             "checkpoint (UNet + VAE + CLIP text encoder, e.g. v1-5-pruned-emaonly.safetensors)")
     if not any(k.startswith(TEXT_PREFIX) for k in sd) or not any(k.startswith(VAE_PREFIX) for k in sd):
-        raise BaseModelError(f"{name}: the checkpoint lacks the text encoder ('{TEXT_PREFIX}*') or the VAE "
+        raise BaseModelError(f"--base {name}: the checkpoint lacks the text encoder ('{TEXT_PREFIX}*') or the VAE "
                              f"('{VAE_PREFIX}*'); use a full SD1.5 checkpoint")
 
 
-def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str) -> torch.nn.Module:
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    result = model.load_state_dict(sd, strict=False, assign=True)
-    persistent_missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if persistent_missing or result.unexpected_keys:
-        raise ModelFileError(f"{name}: the {what} weights do not match the SD1.5 config (missing "
-                             f"{persistent_missing[:4]}, unexpected {result.unexpected_keys[:4]}); is the config "
-                             "folder right for this checkpoint?")
+EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+
+
+def use_ema_weights(sd: dict, name: str) -> bool:
+    """Replace the UNet weights of a non-pruned LDM checkpoint by its EMA weights, in place.
+
+    LDM's ``LitEma`` keeps one buffer per UNet parameter, named ``model_ema.`` + the parameter name under ``model.``
+    with the dots removed (``model.diffusion_model.input_blocks.0.0.weight`` → ``model_ema.diffusion_modelinput_
+    blocks00weight``; diffusers' ``convert_ldm_unet_checkpoint(extract_ema=True)`` uses the same rule). Returns True
+    when EMA weights were used."""
+    ema = [k for k in sd if k.startswith("model_ema.") and k not in EMA_BOOKKEEPING]
+    if not ema:
+        for k in EMA_BOOKKEEPING:
+            sd.pop(k, None)
+        return False
+    unet = [k for k in sd if k.startswith(UNET_PREFIX)]
+    flat = {k: "model_ema." + k[len("model."):].replace(".", "") for k in unet}
+    missing = [k for k, e in flat.items() if e not in sd and not k.endswith(("position_ids",))]
+    if missing:
+        raise ModelFileError(f"{name}: has {len(ema)} EMA tensors ('model_ema.*') but none for {len(missing)} of the "
+                             f"{len(unet)} UNet tensors (e.g. {missing[0]}); the file is damaged or not an LDM "
+                             "checkpoint")
+    for k, e in flat.items():
+        if e in sd:
+            if sd[e].shape != sd[k].shape:
+                raise ModelFileError(f"{name}: EMA tensor {e} has shape {tuple(sd[e].shape)}, {k} has "
+                                     f"{tuple(sd[k].shape)}")
+            sd[k] = sd.pop(e)
+    for k in [k for k in sd if k.startswith("model_ema.")]:
+        del sd[k]
+    return True
+
+
+def text_encoder_state(sd: dict, model_keys: list[str]) -> dict:
+    """``cond_stage_model.transformer.*`` (with or without ``text_model.``) → the installed ``CLIPTextModel``'s own
+    key names (``text_model.*`` in transformers 4.x, bare in 5.x). ``position_ids`` (a fixed ``arange(77)`` that
+    some files store, sometimes as damaged floats) and CLIP's ``text_projection``/``logit_scale`` are dropped."""
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(TEXT_PREFIX):
+            continue
+        bare = k[len(TEXT_PREFIX):]
+        bare = bare[len("text_model."):] if bare.startswith("text_model.") else bare
+        if bare.endswith("position_ids") or bare in ("text_projection.weight", "logit_scale"):
+            continue
+        out[prefix + bare] = v
+    return out
+
+
+def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load ``sd`` into an empty (meta) ``model`` in ``dtype``: every persistent tensor present, names and shapes as
+    the model has them."""
+    expected = model.state_dict()
+    persistent = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
+    missing = sorted(set(persistent) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(f"{name}: the {what} weights do not match the SD1.5 architecture (missing "
+                             f"{len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]}); is it "
+                             "an SD1.5 checkpoint, and is the config folder right for it?")
+    bad = [f"{k} {tuple(sd[k].shape)} ≠ {tuple(v.shape)}" for k, v in persistent.items() if sd[k].shape != v.shape]
+    if bad:
+        raise ModelFileError(f"{name}: {len(bad)} {what} tensors have the wrong shape for SD1.5 ({bad[:3]})")
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if dtype != torch.float32:
+        model.to(dtype)
     return model
 
 
@@ -135,41 +275,84 @@ def _empty(cls_or_fn):
         return cls_or_fn()
 
 
-def load_single_file(path: Path, config_dir: Path = CONFIG_DIR, tokenizer=None) -> SD15Components:
+def load_single_file(path: Path, config_dir: Path = CONFIG_DIR, tokenizer=None,
+                     dtype: torch.dtype = torch.float32) -> SD15Components:
+    """An SD1.5 single file in any layout in use (see :func:`load_base`), every tensor in ``dtype``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    path = Path(path)
     sd = read_state_dict(path)
     check_sd15_single_file(sd, path.name)
+    use_ema_weights(sd, path.name)
     unet_cfg = UNet2DConditionModel.load_config(str(config_dir / "unet"))
     vae_cfg = AutoencoderKL.load_config(str(config_dir / "vae"))
     text_cfg = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder"), local_files_only=True)
+    text = _empty(lambda: CLIPTextModel(text_cfg))
+    text = _load_into(text, text_encoder_state(sd, list(text.state_dict())), "text encoder", path.name, dtype)
+    for k in [k for k in sd if k.startswith(TEXT_PREFIX)]:
+        del sd[k]
+    vae = _load_into(_empty(lambda: AutoencoderKL.from_config(vae_cfg)), convert_ldm_vae_checkpoint(sd, vae_cfg),
+                     "VAE", path.name, dtype)
+    for k in [k for k in sd if k.startswith(VAE_PREFIX)]:
+        del sd[k]
     unet = _load_into(_empty(lambda: UNet2DConditionModel.from_config(unet_cfg)),
-                      convert_ldm_unet_checkpoint(sd, unet_cfg), "UNet", path.name)
-    vae = _load_into(_empty(lambda: AutoencoderKL.from_config(vae_cfg)),
-                     convert_ldm_vae_checkpoint(sd, vae_cfg), "VAE", path.name)
-    text = _load_into(_empty(lambda: CLIPTextModel(text_cfg)), convert_ldm_clip_checkpoint(sd), "text encoder",
-                      path.name)
+                      convert_ldm_unet_checkpoint(sd, unet_cfg), "UNet", path.name, dtype)
+    del sd
     return SD15Components(unet, vae, text, tokenizer, read_scheduler_config(config_dir))
 
 
-def load_diffusers_folder(folder: Path, tokenizer=None) -> SD15Components:
+STANDARD_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                    "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json")
+
+
+def weights_variant(folder: Path) -> Optional[str]:
+    """``None`` when a diffusers/transformers sub-folder has the standard weight files, else the variant its files
+    carry (``diffusion_pytorch_model.fp16.safetensors`` → ``fp16``)."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n in STANDARD_WEIGHTS for n in names):
+        return None
+    for n in sorted(names):
+        parts = n.split(".")
+        if len(parts) >= 3 and parts[0] in ("diffusion_pytorch_model", "model", "pytorch_model") and \
+                parts[-1] in ("safetensors", "bin", "json"):
+            return parts[1]
+    raise ModelFileError(f"base model: {folder} has no weights (expected diffusion_pytorch_model[.fp16].safetensors "
+                         "or model[.fp16].safetensors)")
+
+
+def load_diffusers_folder(folder: Path, tokenizer=None, dtype: torch.dtype = torch.float32) -> SD15Components:
+    """A diffusers SD1.5 folder, also with only fp16 (or other variant) weight files, every tensor in ``dtype``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
+    folder = Path(folder)
+    if (folder / "text_encoder_2").is_dir():
+        raise BaseModelError(f"--base {folder}: this is an SDXL diffusers folder (it has text_encoder_2/); "
+                             "InstantFamily trains on Stable Diffusion 1.5")
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub).is_dir():
             raise ModelFileError(f"base model: {folder} is not a diffusers SD1.5 folder (no '{sub}/' inside)")
+    unet_cfg = UNet2DConditionModel.load_config(str(folder / "unet"))
+    if int(unet_cfg.get("cross_attention_dim", 768)) != 768 or int(unet_cfg.get("in_channels", 4)) != 4:
+        kind = "an inpainting model (9 input channels)" if int(unet_cfg.get("in_channels", 4)) == 9 else \
+            f"a UNet with {unet_cfg.get('cross_attention_dim')}-wide cross-attention (SD2.x: 1024)"
+        raise BaseModelError(f"--base {folder}: this is {kind}; InstantFamily trains on Stable Diffusion 1.5")
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
-        text = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
-    except (OSError, ValueError) as e:
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True,
+                                                    variant=weights_variant(folder / "unet"))
+        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True,
+                                            variant=weights_variant(folder / "vae"))
+        text = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True,
+                                             variant=weights_variant(folder / "text_encoder"))
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"base model: cannot load the diffusers folder {folder} ({e})") from e
     if unet.config.cross_attention_dim != text.config.hidden_size:
         raise BaseModelError(f"base model: UNet cross-attention width {unet.config.cross_attention_dim} ≠ text "
                              f"width {text.config.hidden_size}")
+    for m in (unet, vae, text):
+        m.to(dtype)
     sched = folder / "scheduler"
     return SD15Components(unet, vae, text, tokenizer,
                           read_scheduler_config(folder if (sched / "scheduler_config.json").is_file() else CONFIG_DIR))
@@ -181,17 +364,24 @@ def read_scheduler_config(config_dir: Path) -> dict:
 
 
 def load_base(path: str | os.PathLike, tokenizer: Optional[str] = None,
-              config_dir: str | os.PathLike | None = None) -> SD15Components:
-    """SD1.5 UNet, VAE, text encoder, tokenizer and scheduler config from a diffusers folder or a single file."""
+              config_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> SD15Components:
+    """SD1.5 UNet, VAE, text encoder, tokenizer and scheduler config, frozen, every tensor in ``dtype`` (fp32 by
+    default, whatever the file stores).
+
+    ``path``: a diffusers folder (also fp16-variant-only) or a single file (``.safetensors``/``.ckpt``, with or
+    without a ``state_dict`` wrapper; text encoder as ``cond_stage_model.transformer.text_model.*`` or the older
+    ``cond_stage_model.transformer.*``, with or without ``position_ids``; fp32/fp16/bf16; a non-pruned file's EMA
+    weights are used). The tokenizer always pads/truncates to the text encoder's positions (77)."""
     p = Path(path)
     cfg = Path(config_dir) if config_dir else CONFIG_DIR
     if not p.exists():
         raise ModelFileError(f"base model: {p} does not exist (give a diffusers SD1.5 folder or a single-file "
                              "checkpoint such as v1-5-pruned-emaonly.safetensors)")
     tok = load_tokenizer(find_tokenizer(tokenizer, p if p.is_dir() else None, cfg))
-    comps = load_diffusers_folder(p, tok) if p.is_dir() else load_single_file(p, cfg, tok)
+    comps = load_diffusers_folder(p, tok, dtype) if p.is_dir() else load_single_file(p, cfg, tok, dtype)
     for m in (comps.unet, comps.vae, comps.text_encoder):
         m.requires_grad_(False).eval()
+    tok.model_max_length = int(comps.text_encoder.config.max_position_embeddings)
     return comps
 
 
@@ -212,20 +402,6 @@ def build_from_configs(config_dir: str | os.PathLike, seed: int = 0, tokenizer: 
     for m in (unet, vae, text):
         m.requires_grad_(False).eval()
     return SD15Components(unet, vae, text, tok, read_scheduler_config(cfg))
-
-
-def _atomic_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_diffusers(comps: SD15Components, folder: str | os.PathLike) -> Path:
@@ -318,7 +494,7 @@ def save_single_file(comps: SD15Components, path: str | os.PathLike) -> Path:
     tensors.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(comps.vae.state_dict(), comps.vae.config).items()})
     tensors.update({TEXT_PREFIX + k: v for k, v in comps.text_encoder.state_dict().items()
                     if not k.endswith("position_ids")})
-    _atomic_safetensors(tensors, p)
+    save_safetensors_atomic({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(p))
     return p
 
 
