@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import folder_paths
@@ -34,21 +36,40 @@ class InstantFamilyModel:
     name: str = ""
 
 
-_LOADED: dict[tuple, InstantFamilyModel] = {}
+LOADED_CACHE_SIZE = 2
+"""How many InstantFamily checkpoints stay loaded here (least recently used first out). ComfyUI's own node cache
+keeps the loader's output while a workflow uses it; this cache only spares a reload when workflows alternate."""
+
+_LOADED: "OrderedDict[tuple, InstantFamilyModel]" = OrderedDict()
+_LOADED_LOCK = threading.Lock()
 
 
 def load_instantfamily(path: str) -> InstantFamilyModel:
-    """Load (and cache by path + mtime + size) an InstantFamily checkpoint for ComfyUI."""
+    """Load an InstantFamily checkpoint for ComfyUI, cached by path + mtime + size in a bounded LRU
+    (:data:`LOADED_CACHE_SIZE` entries; a changed file replaces its old entry)."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    if key not in _LOADED:
-        ck = load_checkpoint(path)
-        name = os.path.basename(path)
-        cn = build_controlnet(ck.controlnet, ck.meta.controlnet_layout, ck.meta.controlnet_config, name)
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+    ck = load_checkpoint(path)
+    name = os.path.basename(path)
+    cn = build_controlnet(ck.controlnet, ck.meta.controlnet_layout, ck.meta.controlnet_config, name)
+    model = InstantFamilyModel(ck.projector, cn, ck.meta, name)
+    with _LOADED_LOCK:
         for k in [k for k in _LOADED if k[0] == key[0]]:
             del _LOADED[k]
-        _LOADED[key] = InstantFamilyModel(ck.projector, cn, ck.meta, name)
-    return _LOADED[key]
+        _LOADED[key] = model
+        while len(_LOADED) > LOADED_CACHE_SIZE:
+            _LOADED.popitem(last=False)
+    return model
+
+
+def loaded_cache_info() -> list[str]:
+    """Paths of the checkpoints held by the loader cache, least recently used first (for tests and debugging)."""
+    with _LOADED_LOCK:
+        return [k[0] for k in _LOADED]
 
 
 class InstantFamilyLoader:
