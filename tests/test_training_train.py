@@ -58,7 +58,7 @@ def test_loss_decreases_on_a_fixed_batch(ws):
 def test_train_validate_export_and_load(ws, tmp_path):
     out = tmp_path / "run"
     rc = train.main(ws.train_args(out, "--max-steps", "3", "--checkpoint-every", "3", "--validate-every", "3",
-                                  "--num-validation", "2", "--validation-steps", "2"))
+                                  "--num-validation", "2", "--validation-steps", "2", "--dtype", "fp32"))
     assert rc == 0
     rows = ck.LossLog(out / "losses.jsonl").read()
     assert [r["step"] for r in rows] == [1, 2, 3] and all(0 < r["loss"] < 10 for r in rows)
@@ -72,7 +72,8 @@ def test_train_validate_export_and_load(ws, tmp_path):
 
     # export.py from the step folder gives the same file contents
     again = tmp_path / "again.safetensors"
-    assert export.main(["--checkpoint", str(out / "checkpoints" / "step-0000003"), "--output", str(again)]) == 0
+    assert export.main(["--checkpoint", str(out / "checkpoints" / "step-0000003"), "--output", str(again),
+                        "--dtype", "fp32"]) == 0
     a, b = load_file(str(final)), load_file(str(again))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert export.main(["--checkpoint", str(out / "checkpoints" / "step-0000003"), "--output", str(again),
@@ -102,7 +103,8 @@ def test_existing_output_needs_resume(ws, tmp_path):
 
 
 def test_resume_after_crash_mid_checkpoint_equals_uninterrupted_run(ws, tmp_path):
-    common = ("--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--ema", "--ema-decay", "0.9")
+    common = ("--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--ema", "--ema-decay", "0.9",
+              "--dtype", "fp32")
     straight = tmp_path / "straight"
     assert train.main(ws.train_args(straight, *common)) == 0
 
@@ -133,3 +135,80 @@ def test_resume_after_crash_mid_checkpoint_equals_uninterrupted_run(ws, tmp_path
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
     state = json.loads((root / "step-0000004" / "state.json").read_text())
     assert state["global_step"] == 4 and state["consumed_micro_batches"] == 4
+
+
+def test_export_is_fp16_by_default_with_normal_permissions(ws, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(ws.train_args(out, "--max-steps", "1", "--checkpoint-every", "1")) == 0
+    step = out / "checkpoints" / "step-0000001"
+    trained = load_file(str(step / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in trained.values())  # the trained weights themselves: fp32
+    half, full = tmp_path / "half.safetensors", tmp_path / "full.safetensors"
+    old = os.umask(0o027)
+    try:
+        assert export.main(["--checkpoint", str(step), "--output", str(half)]) == 0
+    finally:
+        os.umask(old)
+    assert export.main(["--checkpoint", str(step), "--output", str(full), "--dtype", "fp32"]) == 0
+    assert (half.stat().st_mode & 0o777) == 0o640  # 0o666 minus the umask, not mkstemp's 0o600
+    assert (full.stat().st_mode & 0o777) == 0o666 & ~old
+    assert ((out / "instantfamily.safetensors").stat().st_mode & 0o777) == 0o666 & ~old
+    a, b = load_file(str(half)), load_file(str(full))
+    assert set(a) == set(b) and all(v.dtype == torch.float16 for v in a.values())
+    assert all(b[k].dtype == torch.float32 and torch.equal(a[k], b[k].half()) for k in a)
+    assert load_checkpoint(str(half)).meta.extra["dtype"] == "fp16"
+    final = load_file(str(out / "instantfamily.safetensors"))  # train.py's own export: fp16 by default
+    assert all(v.dtype == torch.float16 for v in final.values())
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """accelerate keeps one process-wide state (its mixed precision cannot change within a process); reset it around
+    tests that use another precision, as accelerate's own test cases do."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _fp16_copy(src: Path, dst: Path) -> Path:
+    from safetensors.torch import save_file
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_fp16_base_file_trains_in_any_precision_with_fp32_trained_weights(ws, tmp_path, precision,
+                                                                           fresh_accelerator):
+    """An fp16 checkpoint with --mixed-precision no used to fail in the VAE (half bias, float input); with bf16 the
+    ControlNet was built from the already-cast UNet (half-precision trained weights)."""
+    base = _fp16_copy(Path(ws.setup.single_file), tmp_path / "fp16.safetensors")
+    args = ws.train_args(tmp_path / "run", "--max-steps", "1", "--checkpoint-every", "1",
+                         "--mixed-precision", precision)
+    args[args.index("--base") + 1] = str(base)
+    assert train.main(args) == 0
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000001" / "model.safetensors"))
+    assert trained and all(v.dtype == torch.float32 for v in trained.values())
+    rows = ck.LossLog(tmp_path / "run" / "losses.jsonl").read()
+    assert len(rows) == 1 and 0 < rows[0]["loss"] < 10
+
+
+def test_controlnet_starts_from_the_fp32_unet_before_the_cast(ws, tmp_path, monkeypatch, fresh_accelerator):
+    """The ControlNet copy is taken from the fp32 UNet (exactly its weights), and only then are the frozen parts cast
+    to the mixed-precision dtype."""
+    seen = {}
+    real = M.make_controlnet
+
+    def spy(unet):
+        seen["unet_dtype"] = next(unet.parameters()).dtype
+        cn = real(unet)
+        seen["cn"] = {k: v.clone() for k, v in cn.state_dict().items()}
+        return cn
+    monkeypatch.setattr(train, "make_controlnet", spy)
+    args = ws.train_args(tmp_path / "run", "--max-steps", "1", "--checkpoint-every", "1", "--mixed-precision", "bf16")
+    assert train.main(args) == 0
+    assert seen["unet_dtype"] == torch.float32
+    unet = ws.setup.components.unet.state_dict()
+    assert all(v.dtype == torch.float32 for v in seen["cn"].values())
+    copied = [k for k in seen["cn"] if k in unet and not k.startswith("controlnet_")]
+    assert len(copied) > 50 and all(torch.equal(seen["cn"][k], unet[k]) for k in copied)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from training.data import atomic_write_text
+from instantfamily_core.fileio import write_text_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -148,7 +148,7 @@ class LossLog:
     def truncate(self, step: int) -> None:
         if self.path.is_file():
             rows = [r for r in self.read() if r["step"] <= step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Export a training checkpoint folder to the pack's checkpoint (schema v1) that the ComfyUI loader node reads.
 
-    python training/export.py --checkpoint runs/if/checkpoints/step-0100000 --output instantfamily.safetensors [--ema]
+    python training/export.py --checkpoint runs/if/checkpoints/step-0100000 --output instantfamily.safetensors \
+        [--ema] [--dtype fp16|fp32]
 
 ``train.py`` also exports at the end of a run (``<output>/instantfamily.safetensors`` and, with ``--ema``,
 ``instantfamily-ema.safetensors``).
@@ -46,7 +47,7 @@ def trainable_state(folder: Path, use_ema: bool) -> dict:
 
 
 def export_folder(folder: str | os.PathLike, output: str | os.PathLike, use_ema: bool = False,
-                  face_pack: Optional[str] = None) -> Path:
+                  face_pack: Optional[str] = None, dtype: str = "fp16") -> Path:
     """Write ``output`` from a ``checkpoints/step-N`` folder; returns the path."""
     folder = Path(folder)
     cfg_path = folder / "run_config.json"
@@ -64,7 +65,7 @@ def export_folder(folder: str | os.PathLike, output: str | os.PathLike, use_ema:
     step = json.loads((folder / "state.json").read_text())["global_step"] if (folder / "state.json").is_file() else ""
     export_checkpoint(output, projector, config["controlnet_config"], face_pack or config["face_pack"],
                       config["mask_mode"], config["num_slots"], controlnet_state=cn_sd,
-                      extra={"training_steps": str(step), "ema": str(bool(use_ema)).lower()})
+                      extra={"training_steps": str(step), "ema": str(bool(use_ema)).lower()}, dtype=dtype)
     return Path(output)
 
 
@@ -74,9 +75,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--output", required=True, help="the .safetensors file to write")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--face-pack", default=None, help="override the face pack name recorded in the file")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="tensor type of the written file (fp16: half the size, what SD1.5 files are shared in)")
     args = p.parse_args(argv)
     try:
-        path = export_folder(args.checkpoint, args.output, args.ema, args.face_pack)
+        path = export_folder(args.checkpoint, args.output, args.ema, args.face_pack, args.dtype)
     except InstantFamilyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ Public API (used by ``train.py`` and by the ComfyUI parity test)::
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -23,7 +24,8 @@ from torch import nn
 
 from instantfamily_core.attention import MaskedCrossAttention
 from instantfamily_core.checkpoint import CheckpointMeta, save_checkpoint
-from instantfamily_core.errors import EmbeddingError, IdentityCountError
+from instantfamily_core.errors import (BaseModelError, CheckpointError, EmbeddingError, IdentityCountError,
+                                        ModelFileError)
 from instantfamily_core.identity import IdentityFeatures
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig
 from instantfamily_core.stack import stack_context
@@ -126,17 +128,78 @@ def predict_noise(unet, controlnet, projector: IdentityProjector, noisy_latents:
                                controlnet_cond=control_image.to(noisy_latents.dtype),
                                conditioning_scale=conditioning_scale, cross_attention_kwargs=state.as_kwargs(),
                                return_dict=False)
+        # a fp32 ControlNet on a half-precision frozen UNet: residuals in the UNet's dtype (as diffusers' scripts do)
+        down, mid = [d.to(noisy_latents.dtype) for d in down], mid.to(noisy_latents.dtype)
     return unet(noisy_latents, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid, cross_attention_kwargs=state.as_kwargs(), return_dict=False)[0]
 
 
 def make_controlnet(unet):
-    """A pose ControlNet initialised from the UNet's weights (zero convolutions at zero), with our processors.
+    """A pose ControlNet initialised from the UNet's weights (zero convolutions at zero), with our processors, in
+    fp32 (the paper's initialisation; :func:`load_controlnet_init` starts from a public OpenPose ControlNet instead).
 
     The hint encoder keeps the standard ``(16, 32, 96, 256)`` channels: ComfyUI's ControlNet loader maps exactly
     that layout onto its ``input_hint_block``."""
     from diffusers import ControlNetModel
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
+    install_processors(cn)
+    return cn.to(torch.float32)  # trained weights are fp32 (call this before casting the frozen UNet)
+
+
+def load_controlnet_init(path, unet):
+    """The pose ControlNet initialised from a public SD1.5 OpenPose ControlNet (``control_v11p_sd15_openpose``),
+    in fp32, with our processors, shaped like :func:`make_controlnet`'s.
+
+    ``path``: a diffusers folder (``config.json`` + ``diffusion_pytorch_model[.fp16].safetensors``/``.bin``) or a
+    single file: the original (LDM) layout, ``.pth``/``.safetensors``, with or without the ``control_model.``
+    prefix (ControlNet 1.0 files that also hold a full SD model are fine: only ``control_model.*`` is read), or
+    diffusers keys in one file. fp16 and fp32 files alike. The LDM → diffusers key conversion is diffusers' own."""
+    from pathlib import Path
+
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from training import sd15
+    p = Path(path)
+    name = f"--controlnet-init {p.name}"
+    if not p.exists():
+        raise ModelFileError(f"--controlnet-init: {p} does not exist (give control_v11p_sd15_openpose.pth, its "
+                             "fp16 .safetensors, or the diffusers folder lllyasviel/control_v11p_sd15_openpose)")
+    target = sd15._empty(lambda: ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS, load_weights_from_unet=False))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelFileError(f"{name}: a folder must be a diffusers ControlNet (config.json + "
+                                 "diffusion_pytorch_model.safetensors)")
+        variant = sd15.weights_variant(p)
+        weights = [f for f in p.iterdir() if f.name.startswith("diffusion_pytorch_model") and
+                   f.name.split(".")[-1] in ("safetensors", "bin") and
+                   (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]
+        if len(weights) != 1:
+            raise ModelFileError(f"{name}: expected one diffusion_pytorch_model[.<variant>].safetensors or .bin in "
+                                 f"{p}, found {[w.name for w in weights]}")
+        sd = sd15.read_state_dict(weights[0], "--controlnet-init")
+    else:
+        sd = sd15.read_state_dict(p, "--controlnet-init")
+    if any(k.startswith("control_model.") for k in sd):
+        sd = {k[len("control_model."):]: v for k, v in sd.items() if k.startswith("control_model.")}
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        converted = sd
+    elif "zero_convs.0.0.weight" in sd and "input_hint_block.0.weight" in sd:
+        converted = convert_controlnet_checkpoint(sd, dict(target.config))
+    else:
+        kind = sd15.describe_file(sd)
+        raise BaseModelError(f"{name}: not a ControlNet ({kind or 'no ControlNet keys'}); expected an SD1.5 "
+                             "ControlNet such as control_v11p_sd15_openpose")
+    hint = converted.get("controlnet_cond_embedding.conv_in.weight")
+    if hint is not None and hint.ndim == 4 and hint.shape[1] != 3:
+        raise BaseModelError(f"{name}: its hint encoder takes {hint.shape[1]} channels; the pose ControlNet reads an "
+                             "RGB pose image (3 channels)")
+    ctx = [v.shape[1] for k, v in converted.items() if k.endswith("attn2.to_k.weight")]
+    if ctx and ctx[0] != int(unet.config.cross_attention_dim):
+        raise BaseModelError(f"{name}: a ControlNet with {ctx[0]}-wide cross-attention (SDXL: 2048, SD2.x: 1024); "
+                             f"the base model has {unet.config.cross_attention_dim} (SD1.5)")
+    cn = sd15._load_into(target, converted, "ControlNet", name)
     install_processors(cn)
     return cn
 
@@ -162,8 +225,12 @@ class InstantFamilyNet(nn.Module):
 
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, captions: Sequence[str], device=None) -> torch.Tensor:
-    """CLIP last hidden state (after the final layer norm) ``(B, 77, D)``, the context SD1.5 was trained with."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    """CLIP last hidden state (after the final layer norm) ``(B, 77, D)``, the context SD1.5 was trained with.
+
+    Captions are padded/truncated to the text encoder's own positions (``config.max_position_embeddings``, 77),
+    whatever the tokenizer's ``model_max_length`` says (ComfyUI's ``sd1_tokenizer`` declares 8192)."""
+    length = int(text_encoder.config.max_position_embeddings)
+    ids = tokenizer(list(captions), padding="max_length", max_length=length, truncation=True,
                     return_tensors="pt").input_ids
     dev = device if device is not None else next(text_encoder.parameters()).device
     return text_encoder(ids.to(dev))[0]
@@ -181,13 +248,21 @@ def json_config(config) -> dict:
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
 
 
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
 def export_checkpoint(path, projector: IdentityProjector, controlnet, face_pack: str, mask_mode: str = "additive",
                       max_identities: int = 4, controlnet_state: Optional[dict] = None,
-                      extra: Optional[dict] = None) -> None:
+                      extra: Optional[dict] = None, dtype: str = "fp32") -> None:
     """Write the pack's checkpoint (schema v1, diffusers ControlNet layout) atomically.
 
     ``controlnet``: a diffusers ``ControlNetModel`` (config and weights) or its config as a dict (then
-    ``controlnet_state`` is required); ``controlnet_state`` overrides the weights (e.g. EMA weights)."""
+    ``controlnet_state`` is required); ``controlnet_state`` overrides the weights (e.g. EMA weights); ``dtype``
+    (``fp16`` | ``fp32``): the floating-point tensors are written in it (the training CLIs export fp16 by default,
+    as SD1.5 files are shared)."""
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"export: --dtype {dtype!r} unknown; expected one of {sorted(EXPORT_DTYPES)}")
+    target = EXPORT_DTYPES[dtype]
     if isinstance(controlnet, dict):
         if controlnet_state is None:
             raise IdentityCountError("export: a ControlNet config dict needs controlnet_state (the weights)")
@@ -195,9 +270,11 @@ def export_checkpoint(path, projector: IdentityProjector, controlnet, face_pack:
     else:
         config = json_config(controlnet.config)
     state = controlnet_state if controlnet_state is not None else controlnet.state_dict()
+    state = {k: (v.detach().to(target) if v.is_floating_point() else v) for k, v in state.items()}
+    projector = copy.deepcopy(projector).to(target)
     meta = CheckpointMeta(face_pack=face_pack, projector=projector.config, mask_mode=mask_mode,
                           controlnet_layout="diffusers", controlnet_config=config,
-                          max_identities=int(max_identities), extra=dict(extra or {}))
+                          max_identities=int(max_identities), extra={"dtype": dtype, **dict(extra or {})})
     save_checkpoint(str(path), projector, state, meta)
 
 

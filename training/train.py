@@ -29,9 +29,11 @@ from instantfamily_core.attention import MODES  # noqa: E402
 from instantfamily_core.errors import InstantFamilyError  # noqa: E402
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # noqa: E402
 from training import checkpoints as ck  # noqa: E402
-from training.data import DropoutConfig, EpochBatchSampler, ShardDataset, atomic_write_text, collate  # noqa: E402
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
+from training.data import DropoutConfig, EpochBatchSampler, ShardDataset, collate  # noqa: E402
 from training.model import (IdentityBatch, InstantFamilyNet, encode_text,  # noqa: E402
-                            export_checkpoint, json_config, make_controlnet, sample_latents)
+                            export_checkpoint, json_config, load_controlnet_init, make_controlnet,
+                            sample_latents)
 
 
 class TrainingError(InstantFamilyError):
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-mode", choices=MODES, default="additive")
     g.add_argument("--margin", type=float, default=None, help="face mask margin (default: the shards' value, 0.25)")
     g.add_argument("--projector-hidden", type=int, default=1024)
+    g.add_argument("--controlnet-init", default=None, metavar="PATH",
+                   help="start the pose ControlNet from a public SD1.5 OpenPose ControlNet (control_v11p_sd15_openpose"
+                        ": .pth/.safetensors or diffusers folder; recommended) instead of a copy of the UNet (paper)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="shard folder written by prepare.py")
     g.add_argument("--batch-size", type=int, default=8, help="per process (paper: 8 per GPU × 8 GPUs)")
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--face-pack", default=None, help="recorded in the export (default: the shards' pack)")
     g.add_argument("--export", default=None, help="export path at the end (default: <output>/instantfamily.safetensors)")
+    g.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="tensor type of the exported file")
     g.add_argument("--no-progress", action="store_true")
     # fault injection for the crash tests
     p.add_argument("--debug-crash-in-checkpoint", type=int, default=None, help=argparse.SUPPRESS)
@@ -131,8 +137,8 @@ def save_state(accelerator, net, ema, args, out: Path, step: int, consumed: int,
             os._exit(137)  # simulated kill -9 in the middle of the write
         if ema is not None:
             ema.save(tmp / "ema.safetensors")
-        atomic_write_text(tmp / "run_config.json", json.dumps(config, indent=1))
-        atomic_write_text(tmp / "state.json", json.dumps({
+        write_text_atomic(tmp / "run_config.json", json.dumps(config, indent=1))
+        write_text_atomic(tmp / "state.json", json.dumps({
             "global_step": step, "consumed_micro_batches": consumed, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "world_size": accelerator.num_processes, "seed": args.seed}))
         ck.publish(tmp, ck.step_dir(root, step))
@@ -191,7 +197,8 @@ def validate(accelerator, comps, net, dataset: ShardDataset, args, out: Path, st
     return path
 
 
-def export_final(accelerator, net, ema, config: dict, path: Path, face_pack: str) -> list[Path]:
+def export_final(accelerator, net, ema, config: dict, path: Path, face_pack: str,
+                 dtype: str = "fp16") -> list[Path]:
     model = accelerator.unwrap_model(net)
     state = accelerator.get_state_dict(net)
     written = []
@@ -206,7 +213,7 @@ def export_final(accelerator, net, ema, config: dict, path: Path, face_pack: str
             export_checkpoint(target, projector, config["controlnet_config"], face_pack, config["mask_mode"],
                               config["num_slots"], controlnet_state=cn_state,
                               extra={"training_steps": str(config.get("global_step", "")),
-                                     "ema": "true" if target != path else "false"})
+                                     "ema": "true" if target != path else "false"}, dtype=dtype)
             written.append(target)
     accelerator.wait_for_everyone()
     return written
@@ -252,13 +259,14 @@ def train(args) -> int:
                            margin=args.margin if args.margin is not None else float(info.get("margin", 0.25)),
                            seed=args.seed, dropout=DropoutConfig(args.drop_text, args.drop_identity, args.drop_both))
     face_pack = args.face_pack or info.get("face_pack", "")
-    comps = load_base(args.base, args.tokenizer, args.config_dir)
+    comps = load_base(args.base, args.tokenizer, args.config_dir)  # fp32, whatever the file stores
     wdtype = weight_dtype_for(accelerator)
+    # the trained parts are fp32 (master weights; autocast does the mixed precision), the ControlNet copied from
+    # the fp32 UNet before the frozen parts are cast to the mixed-precision dtype
+    controlnet = (load_controlnet_init(args.controlnet_init, comps.unet) if args.controlnet_init
+                  else make_controlnet(comps.unet)).to(torch.float32)
     for m in (comps.unet, comps.vae, comps.text_encoder):
-        m.to(accelerator.device)
-        if wdtype != torch.float32:
-            m.to(dtype=wdtype)
-    controlnet = make_controlnet(comps.unet)
+        m.to(accelerator.device, dtype=wdtype)
     pcfg = ProjectorConfig(global_dim=dataset.global_dim, local_dim=dataset.local_dim, grid=dataset.grid,
                            token_dim=int(comps.unet.config.cross_attention_dim), hidden_dim=args.projector_hidden)
     projector = IdentityProjector(pcfg)
@@ -300,7 +308,7 @@ def train(args) -> int:
     loss_log = ck.LossLog(out / "losses.jsonl")
     if main_proc:
         loss_log.truncate(global_step)
-        atomic_write_text(out / "run_config.json", json.dumps(config, indent=1))
+        write_text_atomic(out / "run_config.json", json.dumps(config, indent=1))
     accelerator.init_trackers("instantfamily", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
 
@@ -372,12 +380,12 @@ def train(args) -> int:
     bar.close()
     config["global_step"] = global_step
     export_path = Path(args.export) if args.export else out / "instantfamily.safetensors"
-    for p in export_final(accelerator, net, ema, config, export_path, face_pack):
+    for p in export_final(accelerator, net, ema, config, export_path, face_pack, args.dtype):
         accelerator.print(f"exported {p}")
     if args.debug_weight_digest:
         sd = accelerator.unwrap_model(net).state_dict()
         digest = {k: float(v.double().sum()) for k, v in sd.items()}
-        atomic_write_text(out / f"weights-rank{accelerator.process_index}.json", json.dumps(digest))
+        write_text_atomic(out / f"weights-rank{accelerator.process_index}.json", json.dumps(digest))
     accelerator.end_training()
     return 0
 
