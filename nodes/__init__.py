@@ -13,6 +13,7 @@ from . import paths  # noqa: E402
 paths.register_folders()
 
 from .face_nodes import CombineIdentities, EncodeIdentity, FaceAnalysisLoader, LoadIdentities, SaveIdentities  # noqa: E402
+from .faceid_nodes import ApplyFaceID, FaceIDLoader  # noqa: E402
 from .model_nodes import ApplyInstantFamily, InstantFamilyLoader  # noqa: E402
 from .pose_nodes import PoseFromImage, PoseToMasks  # noqa: E402
 
@@ -26,6 +27,8 @@ _NODES = {
     "InstantFamilyPoseFromImage": (PoseFromImage, "InstantFamily Pose from Image (controlnet-aux)"),
     "InstantFamilyLoader": (InstantFamilyLoader, "InstantFamily Loader"),
     "ApplyInstantFamily": (ApplyInstantFamily, "Apply InstantFamily"),
+    "InstantFamilyFaceIDLoader": (FaceIDLoader, "InstantFamily FaceID Loader (public weights)"),
+    "ApplyInstantFamilyFaceID": (ApplyFaceID, "Apply InstantFamily FaceID (public weights)"),
 }
 NODE_CLASS_MAPPINGS = {k: v[0] for k, v in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v[1] for k, v in _NODES.items()}

@@ -19,7 +19,7 @@ from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
-WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("instantfamily_*.json"))  # faceid_*: test_faceid_server
 COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)]
 
 
@@ -105,7 +105,7 @@ def test_workflows_are_templates_and_agree_with_object_info(server):
     from support.workflow_format import input_specs, ui_to_api
     info = server.get("/object_info")
     ours = [k for k in info if k.startswith(("InstantFamily", "ApplyInstantFamily"))]
-    assert len(ours) == 9
+    assert len(ours) == 11
     assert set(WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
     assert len(WORKFLOWS) == 3
     for name in WORKFLOWS:

@@ -44,7 +44,8 @@ def family_prompt(n: int, photo: bool) -> dict:
         if ids:
             kw["identities"] = [ids, 0]
         ids = add("InstantFamilyEncodeIdentity", **kw)
-    masks_kw = dict(identities=[ids, 0], width=width, height=512, margin=0.25, identity_order="auto")
+    masks_kw = dict(identities=[ids, 0], width=width, height=512, margin=0.25, identity_order="auto",
+                    control_image=CONTROL_CIRCLES)
     if photo:
         photo_id = add("LoadImage", image="group_photo.png")
         kp = add("InstantFamilyPoseFromImage", image=[photo_id, 0], method="openpose (controlnet-aux)",
@@ -75,13 +76,84 @@ WORKFLOWS = {
     "instantfamily_7_identities_template": (7, False),
 }
 
+# Public-weights mode (IP-Adapter-FaceID + the public OpenPose ControlNet)
+CONTROL_CIRCLES = "skeleton + slot circles (InstantFamily)"
+CONTROL_OPENPOSE = "OpenPose: skeleton + face points (public weights)"
+FACEID_FILES = {"faceid": "ip-adapter-faceid_sd15.bin", "plusv2": "ip-adapter-faceid-plusv2_sd15.bin"}
+OPENPOSE_CONTROLNET = "control_v11p_sd15_openpose.pth"
+CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+
+
+def faceid_prompt(n: int, photo: bool, variant: str = "faceid") -> dict:
+    """N people with a published FaceID file: Encode Identity (buffalo_l) → Pose to Masks (plain OpenPose image) →
+    Apply InstantFamily FaceID on the model; the pose through the stock ControlNetLoader + ControlNetApplyAdvanced
+    with control_v11p_sd15_openpose."""
+    p: dict = {}
+
+    def add(cls, **inputs):
+        nid = str(len(p) + 1)
+        p[nid] = {"class_type": cls, "inputs": inputs}
+        return nid
+
+    width = 512
+    if not photo:
+        with open(ROOT / "pose_templates" / f"family_{n}.json") as f:
+            width = json.load(f)[0]["canvas_width"]
+    ckpt = add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    fa = add("InstantFamilyFaceAnalysisLoader", pack="buffalo_l", provider="auto", det_size=640)
+    ids = None
+    for i in range(n):
+        img = add("LoadImage", image=f"person_{i + 1}.png")
+        kw = dict(face_analysis=[fa, 0], image=[img, 0], name=f"person {i + 1}", on_no_face="error")
+        if ids:
+            kw["identities"] = [ids, 0]
+        ids = add("InstantFamilyEncodeIdentity", **kw)
+    masks_kw = dict(identities=[ids, 0], width=width, height=512, margin=0.25, identity_order="auto",
+                    control_image=CONTROL_OPENPOSE)
+    if photo:
+        photo_id = add("LoadImage", image="group_photo.png")
+        kp = add("InstantFamilyPoseFromImage", image=[photo_id, 0], method="openpose (controlnet-aux)",
+                 include_face=True, face_analysis=[fa, 0])
+        ptm = add("InstantFamilyPoseToMasks", template="none (use pose_keypoint)", pose_keypoint=[kp, 0], **masks_kw)
+    else:
+        ptm = add("InstantFamilyPoseToMasks", template=f"family_{n}.json", **masks_kw)
+    word = COUNT_WORDS[n]
+    pos = add("CLIPTextEncode", clip=[ckpt, 1],
+              text=f"{word} people, a family photo of {word} people standing together in a park, natural light")
+    neg = add("CLIPTextEncode", clip=[ckpt, 1], text="blurry, lowres, deformed face, extra people")
+    fid = add("InstantFamilyFaceIDLoader", ipadapter_file=FACEID_FILES[variant], plus_version="auto (file name)",
+              lora="embedded (from the adapter file)")
+    apply_kw = dict(model=[ckpt, 0], faceid=[fid, 0], identities=[ids, 0], masks=[ptm, 1], weight=1.0,
+                    identity_weights="", lora_strength=1.0, start_at=0.0, end_at=1.0, s_scale=1.0)
+    if variant == "plusv2":
+        apply_kw["clip_vision"] = [add("CLIPVisionLoader", clip_name=CLIP_VISION_H), 0]
+    app = add("ApplyInstantFamilyFaceID", **apply_kw)
+    cn = add("ControlNetLoader", control_net_name=OPENPOSE_CONTROLNET)
+    cna = add("ControlNetApplyAdvanced", positive=[pos, 0], negative=[neg, 0], control_net=[cn, 0],
+              image=[ptm, 0], strength=1.0, start_percent=0.0, end_percent=1.0)
+    lat = add("EmptyLatentImage", width=width, height=512, batch_size=1)
+    ks = add("KSampler", model=[app, 0], seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras",
+             positive=[cna, 0], negative=[cna, 1], latent_image=[lat, 0], denoise=1.0)
+    dec = add("VAEDecode", samples=[ks, 0], vae=[ckpt, 2])
+    add("SaveImage", images=[dec, 0], filename_prefix="InstantFamily_FaceID")
+    add("PreviewImage", images=[ptm, 2])
+    return p
+
+
+FACEID_WORKFLOWS = {
+    "faceid_2_people_pose_from_photo": (2, True, "faceid"),
+    "faceid_4_people_template": (4, False, "faceid"),
+    "faceid_plusv2_2_people_pose_from_photo": (2, True, "plusv2"),
+}
+
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = server.get("/object_info")
     (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
-    for name, (n, photo) in WORKFLOWS.items():
-        prompt = family_prompt(n, photo)
+    prompts = {name: family_prompt(n, photo) for name, (n, photo) in WORKFLOWS.items()}
+    prompts.update({name: faceid_prompt(*spec) for name, spec in FACEID_WORKFLOWS.items()})
+    for name, prompt in prompts.items():
         for path, data in ((ROOT / "workflows" / "api" / f"{name}.json", prompt),
                            (ROOT / "workflows" / f"{name}.json", api_to_ui(prompt, info))):
             with open(path, "w", encoding="utf-8") as f:

@@ -105,3 +105,70 @@ def kohya_lora(parts: tuple[dict, dict]) -> dict:
         t = "to_out_0" if t == "to_out" else t
         out[f"lora_unet_{paths[int(p) // 2]}_transformer_blocks_0_attn{1 + int(p) % 2}_{t}.lora_{kind}.weight"] = v
     return out
+
+
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+             "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+             "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+"""SD1.5's real UNet configuration (ComfyUI's unet_config of v1-5-pruned)."""
+
+
+def meta_sd15():
+    """A ModelPatcher around ComfyUI's full-size SD1.5 UNet with its parameters on the ``meta`` device (shapes and
+    module tree without memory; model sampling on the CPU). Enough for key maps, LoRA patches and hooks."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = comfy.supported_models.SD15(dict(SD15_UNET))
+    cfg.set_inference_dtype(torch.float32, None)
+    with torch.device("meta"):
+        base = cfg.get_model({})
+    base.model_sampling = comfy.model_base.model_sampling(cfg, comfy.model_base.ModelType.EPS)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def write_sd15_checkpoint(path: str, seed: int = 0) -> None:
+    """A full-size SD1.5 checkpoint (random fp16 UNet + CLIP-L, TAESD as the VAE) that ComfyUI's stock loader reads
+    as SD1.5 with all 16 cross-attentions at 320/640/1280 — what the FaceID weights need. ~1.9 GiB: call it in a
+    subprocess (:func:`generate_in_subprocess`) so the memory goes back."""
+    from . import comfy_files
+    saved = dict(comfy_files.MICRO_UNET)
+    comfy_files.MICRO_UNET.clear()
+    comfy_files.MICRO_UNET.update(SD15_UNET)
+    try:
+        comfy_files.write_micro_sd15(path, seed)
+    finally:
+        comfy_files.MICRO_UNET.clear()
+        comfy_files.MICRO_UNET.update(saved)
+
+
+def write_sd15_openpose_controlnet(path: str, seed: int = 5) -> None:
+    """A full-size SD1.5 ControlNet in the layout of ``control_v11p_sd15_openpose.pth`` (keys ``control_model.*``,
+    hint channels 3), random fp16 values, as a tensors-only pickle."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    from .comfy_files import _meta, _random_state
+    cfg = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
+    cfg["hint_channels"] = 3
+    cn = _meta(lambda: comfy.cldm.cldm.ControlNet(**cfg, operations=comfy.ops.disable_weight_init))
+    torch.save({f"control_model.{k}": v for k, v in _random_state(cn, seed, std=0.02).items()}, str(path))
+
+
+def generate_in_subprocess(kind: str, path: str) -> None:
+    """Run one of the full-size writers in a fresh Python (the host imported there), so its memory is returned."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path[:0] = [{t!r}, {r!r}]\n"
+            "from support.comfy_host import import_host; import_host()\n"
+            "from support import faceid_files as ff\n"
+            "ff.{fn}({p!r})\n").format(t=str(tests), r=str(tests.parent), p=str(path),
+                                        fn={"checkpoint": "write_sd15_checkpoint",
+                                            "controlnet": "write_sd15_openpose_controlnet"}[kind])
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=900)

@@ -1,0 +1,100 @@
+"""The public-weights (IP-Adapter-FaceID) identity term as an additive rule of the pack's attn2 hook.
+
+:class:`FaceIDRule` is registered on every cross-attention block through the IPAdapter-style protocol of
+:mod:`.patch` (``hook.add(callback, sigma_start=…, sigma_end=…)``; the hook runs the block's base attention, then
+adds each callback's result inside its sigma range). Per call it adds, before the block's ``to_out``::
+
+    Σ_n w_n · m_n ⊙ softmax(Q · (W_k^p T_n)ᵀ / √d) · (W_v^p T_n)
+
+in one batched op (:func:`instantfamily_core.faceid.identity_term`), where ``p`` is the FaceID processor of this
+block (:func:`~instantfamily_core.faceid.slot_for_block`, the middle block included), ``T_n`` person n's tokens on
+cond rows and their unconditional tokens on uncond rows, ``m_n`` their mask resized to the block's
+``activations_shape``. What it shares with the InstantFamily rule comes from :class:`.patch.IdentityState`: masks
+per row (area conditioning), cond/uncond row selection, the latent check and per-run caches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from instantfamily_core.errors import BaseModelError
+from instantfamily_core.faceid import FaceIDWeights, identity_term, slot_for_block
+from instantfamily_core.masks import resize_masks
+
+from .patch import IdentityState, attn2_modules, install_hooks
+
+
+class FaceIDRule(IdentityState):
+    """N people's FaceID tokens, masks and weights for one apply.
+
+    ``tokens``/``uncond_tokens``: ``(N, T, 768)``; ``masks``: ``(N, H, W)``; ``weights``: N values ≥ 0;
+    ``key_valid``: ``(N, T)`` bool when people have different token counts (Portrait), else ``None``.
+    """
+
+    def __init__(self, weights_file: FaceIDWeights, tokens: torch.Tensor, uncond_tokens: torch.Tensor,
+                 masks: torch.Tensor, weights, key_valid: Optional[torch.Tensor] = None,
+                 sigma_range: Optional[tuple[float, float]] = None):
+        super().__init__(tokens, uncond_tokens, masks, sigma_range)
+        self.file = weights_file
+        self.weights = torch.as_tensor(list(weights), dtype=torch.float32)
+        self.key_valid = key_valid
+
+    def _kv(self, p: int, like: torch.Tensor):
+        wk, wv = (w.to(like.device, like.dtype) for w in self.file.kv_weights(p))
+        n, t, d = self.tokens.shape
+        both = torch.cat([self.tokens, self.null_tokens]).to(like.device, like.dtype).reshape(2 * n * t, d)
+        k, v = (both @ wk.T).reshape(2, n, t, -1), (both @ wv.T).reshape(2, n, t, -1)
+        return k[0], v[0], k[1], v[1]
+
+    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
+        """``(1 or rows, h·w, N)``: w_n · m_n at each position of this block's feature map."""
+        row_masks = self.row_masks(extra_options, rows)
+
+        def build():
+            small = resize_masks(self.masks if row_masks is None else row_masks, hw)
+            small = small.unsqueeze(0) if small.ndim == 3 else small
+            return small.flatten(-2).transpose(-1, -2) * self.weights
+        key = ("faceid-region", hw, None if row_masks is None else id(row_masks))
+        return self.cache.get(extra_options.get("sample_sigmas"), key, build)
+
+    def __call__(self, out, q, k, v, extra_options, **kwargs):
+        block = extra_options["block"]
+        slot = slot_for_block((block[0], block[1], extra_options.get("block_index", 0)))
+        if slot is None:
+            raise BaseModelError(f"FaceID: block {tuple(block)} is not one of SD1.5's 16 cross-attentions")
+        run, rows = extra_options.get("sample_sigmas"), q.shape[0]
+        kc, vc, ku, vu = self.cache.get(run, ("faceid-kv", slot.attn2, q.device, q.dtype),
+                                        lambda: self._kv(slot.attn2, q))
+        tag = (slot.attn2, q.device, q.dtype)
+        k_ids = self.per_row(("faceid-k",) + tag, extra_options, rows, kc, ku)
+        v_ids = self.per_row(("faceid-v",) + tag, extra_options, rows, vc, vu)
+        hw = tuple(int(s) for s in extra_options["activations_shape"][-2:])
+        region = self.region(extra_options, rows, hw).to(q.device)
+        return identity_term(q, k_ids, v_ids, extra_options["n_heads"], region, self.key_valid)
+
+
+def check_sd15_topology(model) -> None:
+    """The UNet must have SD1.5's 16 cross-attentions at SD1.5's widths (the FaceID weights are per block)."""
+    modules = attn2_modules(model.model.diffusion_model)
+    problems = []
+    for key, attn in modules.items():
+        slot = slot_for_block(key)
+        width = int(attn.to_q.weight.shape[0])
+        if slot is None:
+            problems.append(f"{key} is not an SD1.5 block")
+        elif width != slot.hidden:
+            problems.append(f"{key} is {width} wide (SD1.5: {slot.hidden})")
+    if len(modules) != 16 and not problems:
+        problems.append(f"{len(modules)} cross-attentions (SD1.5: 16)")
+    if problems:
+        raise BaseModelError("model: the FaceID weights need a full SD1.5 UNet (16 cross-attention blocks at "
+                             f"320/640/1280); {'; '.join(problems[:3])}")
+
+
+def install_faceid(model, rule: FaceIDRule, sigma_range: tuple[float, float]):
+    """``model`` (a clone: modified in place) with the FaceID rule on every cross-attention block."""
+    start, end = sigma_range
+    return install_hooks(model, None, callbacks=((rule, {"sigma_start": start, "sigma_end": end}),),
+                         owner="InstantFamily FaceID")
