@@ -7,14 +7,16 @@ insightface's ``ArcFaceONNX`` asserts a single output, so the unmodified file st
 2. take the input of the first ``Flatten`` node (IResNet ``w600k_r50`` / ``glintr100``: the ``bn2`` output,
    ``N×512×7×7``); if that tensor is not spatial (MobileFaceNet: ``N×512×1×1`` after the depthwise GDC) walk back
    through its producers to the last 4-D tensor with ``H, W ≥ 2``; without a ``Flatten`` the first 4-D → 2-D
-   ``Reshape`` is used;
+   ``Reshape`` is used — or one whose shapes ONNX cannot infer (MobileFaceNet's ``x.view(b, -1)``, onnxruntime
+   contrib ops), whose tensors are then measured by running the model once on a zero input;
 3. append that tensor to the graph outputs and save the copy as
    ``<pack>/.instantfamily_cache/<stem>-<sha256[:16]>.localmap.onnx`` (atomic temp file + ``os.replace``; reused
    when present; a user cache folder when the pack folder is read-only).
 
 :class:`LocalMapModel` runs the copy on aligned crops with the recognizer's own normalisation
 (``(x - input_mean) / input_std``, RGB, NCHW — what ``ArcFaceONNX.get_feat`` does) and returns both outputs:
-the raw embedding (identical to insightface's) and the ``(C, L, L)`` map.
+the raw embedding (identical to insightface's) and the ``(C, L, L)`` map. Crops go through in one batch, or one at
+a time when the graph has a Reshape fixed to batch 1 (or a batched run fails).
 """
 
 from __future__ import annotations
@@ -63,41 +65,117 @@ def _spatial(dims) -> bool:
             and dims[2] >= 2 and dims[3] >= 2)
 
 
+def _head_reshapes(g, shapes) -> list:
+    """Reshape nodes that may flatten the map for the head: 4-D (or unknown) input → 2-D (or unknown) output."""
+    def rank(name):
+        return len(shapes[name]) if shapes.get(name) else None
+    return [n for n in g.node if n.op_type == "Reshape" and rank(n.input[0]) in (4, None)
+            and rank(n.output[0]) in (2, None)]
+
+
+def _probe_shapes(model, names: list[str]) -> dict[str, tuple]:
+    """Shapes of the tensors ``names`` found by running the model once on a zero input (batch 1) with
+    onnxruntime — for graphs whose shapes ONNX cannot infer (contrib ops, a Reshape with a computed shape)."""
+    import onnx
+    import onnxruntime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    inp = probe.graph.input[0]
+    tt = inp.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+    if len(dims) != 4:
+        raise ModelFileError(f"the recognizer's input {inp.name!r} is not (N, 3, H, W)")
+    dims = [1, dims[1] or 3, dims[2] or 112, dims[3] or dims[2] or 112]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.float32
+    try:
+        sess = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(list(names), {inp.name: np.zeros(dims, dtype=dtype)})
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ModelFileError(f"could not run the recognizer to find its feature-map shape ({type(e).__name__}: "
+                             f"{e})") from None
+    return {n: tuple(int(v) for v in o.shape) for n, o in zip(names, outs)}
+
+
 def find_local_map(model) -> tuple[str, tuple]:
     """``(tensor name, shape)`` of the spatial map feeding the recognizer's embedding head (see module docstring).
 
-    ``model`` is an ``onnx.ModelProto``; shape inference is run on a copy. Raises :class:`ModelFileError`.
+    ``model`` is an ``onnx.ModelProto``; shape inference is run on a copy. Where ONNX cannot infer a shape
+    (MobileFaceNet's ``x.view(b, -1)`` Reshape, onnxruntime contrib ops) the candidate tensors are measured by
+    running the model once on a zero input. Raises :class:`ModelFileError`.
     """
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph ONNX cannot infer at all: measure instead
+        inferred = model
     g = inferred.graph
     shapes = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
-        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                for d in vi.type.tensor_type.shape.dim)
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in vi.type.tensor_type.shape.dim)
     producers = {out: node for node in g.node for out in node.output}
     initializers = {i.name for i in g.initializer}
 
+    def chain(name):  # the tensor and its first non-constant producers' inputs, back to the graph input
+        names = []
+        for _ in range(64):
+            names.append(name)
+            node = producers.get(name)
+            inputs = [i for i in (node.input if node is not None else []) if i and i not in initializers]
+            if not inputs:
+                break
+            name = inputs[0]
+        return names
+
     start = next((n for n in g.node if n.op_type == "Flatten"), None)
     if start is None:
-        start = next((n for n in g.node if n.op_type == "Reshape" and len(shapes.get(n.input[0], ())) == 4
-                      and len(shapes.get(n.output[0], ())) == 2), None)
+        reshapes = _head_reshapes(g, shapes)
+        start = reshapes[0] if reshapes else None
     if start is None:
         raise ModelFileError("the recognizer has no Flatten/Reshape node before its embedding head; cannot find "
                              "its spatial feature map (is it an ArcFace IResNet / MobileFaceNet export?)")
-    name = start.input[0]
-    for _ in range(64):
+    names = chain(start.input[0])
+
+    def known(dims):
+        return bool(dims) and all(isinstance(d, int) for d in dims[1:])
+
+    first = next((n for n in names if _spatial(shapes.get(n, ())) or not known(shapes.get(n))), None)
+    if first is not None and not known(shapes.get(first)):  # an unknown tensor before any spatial one: measure
+        measured = _probe_shapes(model, [n for n in names if n not in initializers and n != g.input[0].name])
+        shapes.update({n: (None, *dims[1:]) for n, dims in measured.items()})  # batch stays symbolic
+    for name in names:
         dims = shapes.get(name, ())
         if _spatial(dims):
             return name, dims
-        node = producers.get(name)
-        inputs = [i for i in (node.input if node is not None else []) if i and i not in initializers]
-        if not inputs:
-            break
-        name = inputs[0]
     raise ModelFileError(f"the recognizer's feature map before '{start.name or start.op_type}' has no known spatial "
                          f"shape (got {shapes.get(start.input[0])}); cannot expose the local map")
+
+
+def batch_one_reshapes(model) -> list[str]:
+    """Names of Reshape nodes whose constant target shape starts with 1 while the model's batch is dynamic — such a
+    graph only works on one crop at a time."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts:
+            target = np.asarray(consts[node.input[1]]).reshape(-1)
+            if target.size >= 2 and int(target[0]) == 1:
+                out.append(node.name or node.output[0])
+    return out
 
 
 def _writable_dir(folder: Path) -> bool:
@@ -148,9 +226,14 @@ def _write_edited(src: Path, target: Path) -> None:
     except ModelFileError as e:
         raise ModelFileError(f"{src}: {e}") from None
     if name not in {o.name for o in model.graph.output}:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        vi = next(v for v in list(inferred.graph.value_info) + list(inferred.graph.input) if v.name == name)
-        model.graph.output.append(vi)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            vi = next((v for v in list(inferred.graph.value_info) + list(inferred.graph.input) if v.name == name),
+                      None)
+        except Exception:
+            vi = None
+        model.graph.output.append(vi if vi is not None and vi.type.tensor_type.HasField("shape")
+                                  else onnx.helper.make_empty_tensor_value_info(name))
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -184,6 +267,16 @@ class LocalMapModel:
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        if self.fixed_batch is None:
+            try:
+                import onnx
+                fixed = batch_one_reshapes(onnx.load(str(self.path), load_external_data=False))
+            except Exception:  # unreadable here: the batched run below still falls back
+                fixed = []
+            if fixed:
+                logger.info("%s: Reshape %s is fixed to batch 1; running one face crop at a time", recognizer,
+                            fixed[0])
+                self.fixed_batch = 1
         outs = self.session.get_outputs()
         if len(outs) != 2:
             raise ModelFileError(f"local-map copy {self.path} has {len(outs)} outputs, expected 2; delete it")
@@ -203,9 +296,25 @@ class LocalMapModel:
         if crops_rgb.shape[1:] != (s, s, 3):
             raise ModelFileError(f"local-map model expects {s}×{s} RGB crops, got {crops_rgb.shape[1:]}")
         x = self.blob(crops_rgb)
-        if self.fixed_batch == 1 and len(x) > 1:
-            parts = [self.session.run(self.output_names, {self.input_name: x[i:i + 1]}) for i in range(len(x))]
-            emb, fmap = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
-        else:
-            emb, fmap = self.session.run(self.output_names, {self.input_name: x})
+        if len(x) > 1 and self.fixed_batch != 1:
+            try:
+                emb, fmap = self.session.run(self.output_names, {self.input_name: x})
+                if len(emb) == len(x) and len(fmap) == len(x):
+                    return emb.reshape(len(x), -1).astype(np.float32), fmap.astype(np.float32)
+                logger.warning("%s: a batch of %d crops gave %d embeddings; running one crop at a time", self.path,
+                               len(x), len(emb))
+            except Exception as e:  # onnxruntime's own exception types (a head fixed to batch 1, ...)
+                logger.warning("%s: a batch of %d crops failed (%s); running one crop at a time", self.path, len(x),
+                               type(e).__name__)
+            self.fixed_batch = 1
+        parts = [self._run_one(x[i:i + 1]) for i in range(len(x))]
+        emb, fmap = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
         return emb.reshape(len(x), -1).astype(np.float32), fmap.astype(np.float32)
+
+    def _run_one(self, x: np.ndarray):
+        try:
+            emb, fmap = self.session.run(self.output_names, {self.input_name: x})
+        except Exception as e:  # onnxruntime's own exception types
+            raise ModelFileError(f"recognizer {self.path} failed on a {self.input_size}×{self.input_size} crop "
+                                 f"({type(e).__name__}: {e})") from None
+        return emb.reshape(1, -1), fmap.reshape(1, *fmap.shape[1:])

@@ -203,3 +203,115 @@ def session_tiny_root(tmp_path_factory, pack: str = "tinypack") -> Path:
         make_tiny_pack(root, pack)
         _SESSION_ROOTS[key] = root
     return root
+
+
+# -- recognizers with other embedding heads (local-map finder and batching) ------------------------------------
+
+MBF_REC_FILE = "w600k_mbf_tiny.onnx"
+BATCH1_REC_FILE = "w600k_batch1_tiny.onnx"
+
+
+def mobilefacenet_recognizer_module(seed: int = 0):
+    """A MobileFaceNet-shaped recognizer (arcface_torch ``mobilefacenet.py`` head, buffalo_s ``w600k_mbf``).
+
+    conv 3→32 (stride 4) → PReLU → conv 32→512 (stride 4) = a ``512×7×7`` map → GDC: depthwise 7×7 conv + BN
+    (``512×1×1``) → ``x.view(x.size(0), -1)`` (exported as Shape/Gather/Unsqueeze/Concat/Reshape, no Flatten) →
+    Linear 512→512 → BatchNorm1d. ``module.body(x)`` gives the ``512×7×7`` map.
+    """
+    torch = _torch()
+    nn = torch.nn
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+
+        class TinyMobileFaceNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.PReLU(32),
+                                          nn.Conv2d(32, 512, 4, stride=4))
+                self.gdc = nn.Sequential(nn.Conv2d(512, 512, 7, groups=512, bias=False), nn.BatchNorm2d(512))
+                self.linear = nn.Linear(512, 512, bias=False)
+                self.bn = nn.BatchNorm1d(512)
+
+            def forward(self, x):
+                x = self.gdc(self.body(x))
+                x = x.view(x.size(0), -1)
+                return self.bn(self.linear(x))
+
+        return TinyMobileFaceNet().eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def write_mobilefacenet_recognizer(path: Path, seed: int = 0, uninferable: bool = True) -> Path:
+    """Export :func:`mobilefacenet_recognizer_module` to ``path``.
+
+    ``uninferable=True`` stores the PReLU as onnxruntime's ``com.microsoft::QuickGelu`` (what an
+    onnxruntime-optimised export contains): onnxruntime runs it, but ONNX shape inference knows no shape for its
+    output or anything after it — so, as with the ``x.view(b, -1)`` Reshape of real MobileFaceNet exports, the
+    Reshape feeding the head has no inferable shape. The numbers change (x·sigmoid(1.702·x) instead of PReLU);
+    only the graph's structure matters here.
+    """
+    import onnx
+    from onnx import helper
+
+    torch = _torch()
+    axes = {"input.1": {0: "N"}, "embedding": {0: "N"}}
+    _export(mobilefacenet_recognizer_module(seed), (torch.zeros(1, 3, 112, 112),), Path(path), ["input.1"],
+            ["embedding"], axes)
+    if uninferable:
+        model = onnx.load(str(path))
+        slopes = set()
+        for i, node in enumerate(model.graph.node):
+            if node.op_type == "PRelu":
+                slopes.add(node.input[1])
+                model.graph.node[i].CopyFrom(helper.make_node("QuickGelu", [node.input[0]], list(node.output),
+                                                              name=node.name, domain="com.microsoft"))
+        kept = [t for t in model.graph.initializer if t.name not in slopes]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        del model.graph.value_info[:]
+        onnx.save(model, str(path))
+    return Path(path)
+
+
+def batch1_recognizer_module(seed: int = 0):
+    """The tiny recognizer with a head that flattens with ``x.reshape(1, -1)`` — a Reshape fixed to batch 1 (an
+    export traced with batch 1 and a constant shape). Run on one crop it equals :func:`tiny_recognizer_module`;
+    two crops at once make onnxruntime fail inside the head."""
+    torch = _torch()
+    base = tiny_recognizer_module(seed)
+
+    class Batch1(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.linear1, self.linear2 = base.body, base.head[1], base.head[2]
+
+        def forward(self, x):
+            return self.linear2(self.linear1(self.body(x).reshape(1, -1)))
+
+    return Batch1().eval()
+
+
+def write_batch1_recognizer(path: Path, seed: int = 0) -> Path:
+    """Export :func:`batch1_recognizer_module` (input batch dynamic, the head's Reshape constant ``[1, -1]``)."""
+    torch = _torch()
+    axes = {"input.1": {0: "N"}, "embedding": {0: "N"}}
+    _export(batch1_recognizer_module(seed), (torch.zeros(1, 3, 112, 112),), Path(path), ["input.1"],
+            ["embedding"], axes)
+    return Path(path)
+
+
+def make_pack_with_recognizer(root: Path, pack: str, kind: str) -> Path:
+    """``<root>/models/<pack>/`` with the tiny detector and a ``kind`` recognizer: ``"mobilefacenet"`` or
+    ``"batch1"``."""
+    folder = Path(root) / "models" / pack
+    write_tiny_detector(folder / DET_FILE)
+    if kind == "mobilefacenet":
+        write_mobilefacenet_recognizer(folder / MBF_REC_FILE)
+    elif kind == "batch1":
+        write_batch1_recognizer(folder / BATCH1_REC_FILE)
+    else:
+        raise ValueError(f"make_pack_with_recognizer: unknown kind {kind!r}")
+    return folder
