@@ -209,62 +209,102 @@ def test_unknown_replace_patch_is_replaced_with_a_warning_naming_the_block(host,
     assert set(attn2_patches(patched)) == set(keys)
 
 
-def test_masked_calls_fall_back_when_the_backend_ignores_masks(host, patch_mod, monkeypatch):
-    """A backend that drops the mask (as sage does with its **kwargs): identities must still stay inside their
-    masks, and unmasked calls keep using it."""
-    from support.comfy_models import tiny_sd15
-    import comfy.ldm.modules.attention as A
+def _locality(patch_mod, model, attention_fn=None, extra=None):
+    """Whether changing identity 1 changes the cond rows only inside mask 1 (and never the uncond rows), in every
+    UNet block, through the hook's default backend choice (or ``attention_fn``)."""
     from instantfamily_core.attention import MaskedCrossAttention
     from instantfamily_core.masks import resize_masks
-    calls = {"ignoring": 0}
-
-    def ignoring(q, k, v, heads, mask=None, **kwargs):
-        calls["ignoring"] += 1
-        return A.attention_basic(q, k, v, heads)  # the mask is silently dropped
-    monkeypatch.setattr(A, "optimized_attention", ignoring)
-    model = tiny_sd15()
+    g = torch.Generator().manual_seed(5)
     masks = torch.zeros(2, 64, 64)
     masks[0, :, :24] = 1
     masks[1, 16:48, 20:56] = 1
-    tokens, null = torch.randn(2, 50, 768), torch.randn(50, 768)
+    tokens, null = torch.randn(2, 50, 768, generator=g), torch.randn(50, 768, generator=g)
     changed = tokens.clone()
     changed[1] += 1.0
     inside = resize_masks(masks, (8, 8))[1].flatten() > 0
 
-    def outputs(toks, attention_fn=None):
+    def outputs(toks):
         state = patch_mod.InstantFamilyAttention(toks, null, MaskedCrossAttention(masks, 50), None, attention_fn)
         hook = patch_mod.Attn2Hook(state, patch_mod.attn2_modules(model.model.diffusion_model))
         res = {}
         for key in block_keys(model):
             q, k, v, opts = block_inputs(patch_mod, model, key)
+            opts.update(extra or {})
             with torch.no_grad():
                 res[key] = hook(q, k, v, opts)
         return res
     a, b = outputs(tokens), outputs(changed)
-    for key in a:
-        diff = (a[key] - b[key]).abs().amax(dim=2)
-        assert torch.equal(diff[0] > 0, inside), key
-        assert (diff[1] == 0).all(), key
-    # the same property fails when the ignoring backend gets the masked call: the test can tell
-    a, b = outputs(tokens, ignoring), outputs(changed, ignoring)
-    leaked = any(not torch.equal((a[k] - b[k]).abs().amax(dim=2)[0] > 0, inside) for k in a)
-    assert leaked
-    # unmasked calls keep the selected backend
-    before = calls["ignoring"]
-    none = patch_mod.InstantFamilyAttention(torch.zeros(0, 50, 768), null, MaskedCrossAttention(masks[:0], 50))
+    return all(torch.equal((a[k] - b[k]).abs().amax(dim=2)[0] > 0, inside)
+               and bool(((a[k] - b[k]).abs().amax(dim=2)[1] == 0).all()) for k in a)
+
+
+def _ignoring(calls):
+    import comfy.ldm.modules.attention as A
+
+    def ignoring(q, k, v, heads, mask=None, **kwargs):
+        calls.append(mask is not None)
+        return A.attention_basic(q, k, v, heads)  # the mask is silently dropped, as sage's **kwargs do
+    return ignoring
+
+
+@pytest.mark.parametrize("backend", ["attention_sub_quad", "attention_pytorch", "attention_split", "attention_basic",
+                                     "attention_sage", "attention_flash", "ignores masks"])
+def test_masks_hold_whichever_attention_comfyui_selected(host, patch_mod, monkeypatch, backend):
+    """The backend ComfyUI selected (sage and flash without their packages fall back inside ComfyUI; a stand-in
+    that drops masks): identities stay inside their masks, and unmasked calls keep the selected backend."""
+    from support.comfy_models import tiny_sd15
+    import comfy.ldm.modules.attention as A
+    calls = []
+    selected = _ignoring(calls) if backend == "ignores masks" else getattr(A, backend)
+    monkeypatch.setattr(A, "optimized_attention", selected)
+    model = tiny_sd15()
+    assert _locality(patch_mod, model)
+    if backend == "ignores masks":
+        assert not any(calls)  # it never got a masked call
+        from instantfamily_core.attention import MaskedCrossAttention
+        none = patch_mod.InstantFamilyAttention(torch.zeros(0, 50, 768), torch.zeros(50, 768),
+                                                MaskedCrossAttention(torch.zeros(0, 8, 8), 50))
+        hook = patch_mod.Attn2Hook(none, patch_mod.attn2_modules(model.model.diffusion_model))
+        hook(*block_inputs(patch_mod, model, block_keys(model)[0]))
+        assert calls == [False]  # unmasked calls keep the selected backend
+        assert not _locality(patch_mod, model, attention_fn=lambda q, k, v, heads, mask=None: selected(
+            q, k, v, heads, mask=mask))  # handing it the masked call does leak: the test can tell
+
+
+def test_masks_hold_under_an_attention_override_that_drops_them(host, patch_mod):
+    """Another pack's ``optimized_attention_override`` (transformer_options) may drop masks: masked calls run
+    without it, unmasked ones keep it."""
+    from support.comfy_models import tiny_sd15
+    calls = []
+
+    def override(func, q, k, v, heads, mask=None, **kwargs):
+        calls.append(mask is not None)
+        return func(q, k, v, heads, **{k: v for k, v in kwargs.items() if k != "transformer_options"})
+    model = tiny_sd15()
+    assert _locality(patch_mod, model, extra={"optimized_attention_override": override})
+    assert not any(calls)  # no masked call went through it
+    from instantfamily_core.attention import MaskedCrossAttention
+    none = patch_mod.InstantFamilyAttention(torch.zeros(0, 50, 768), torch.zeros(50, 768),
+                                            MaskedCrossAttention(torch.zeros(0, 8, 8), 50))
     hook = patch_mod.Attn2Hook(none, patch_mod.attn2_modules(model.model.diffusion_model))
     q, k, v, opts = block_inputs(patch_mod, model, block_keys(model)[0])
-    hook(q, k, v, opts)
-    assert calls["ignoring"] == before + 1
+    hook(q, k, v, {**opts, "optimized_attention_override": override})
+    assert calls == [False]  # unmasked calls keep it
 
 
-def test_area_conditioning_gets_each_rows_masks_cropped_to_its_area(host, ifmodel, patch_mod):
-    """ConditioningSetArea: ComfyUI runs that conditioning on a crop of the latent. The masks used there are the
-    full masks cropped to the same area, in the UNet and in the ControlNet; whole-latent calls use them whole."""
+@pytest.mark.parametrize("how", ["ConditioningSetArea", "ConditioningSetMask mask bounds"])
+def test_area_conditioning_gets_each_rows_masks_cropped_to_its_area(host, ifmodel, patch_mod, how):
+    """ComfyUI runs an area conditioning on a crop of the latent. The masks used there are the full masks cropped
+    to the same area, in the UNet and in the ControlNet; whole-latent calls use them whole."""
     from support.comfy_models import tiny_sd15
     nodes, _, m = host
     model = tiny_sd15()
-    right_half = nodes.ConditioningSetArea().append(cond(3), 64, 128, 64, 0, 1.0)[0]
+    if how == "ConditioningSetArea":
+        right_half = nodes.ConditioningSetArea().append(cond(3), 64, 128, 64, 0, 1.0)[0]
+    else:
+        region = torch.zeros(1, 128, 128)
+        region[:, :, 64:] = 1.0
+        right_half = nodes.ConditioningSetMask().append(cond(3), region, "mask bounds", 1.0)[0]
     positive = nodes.ConditioningCombine().combine(cond(1), right_half)[0]
     patched, pos, neg = apply(host, ifmodel, model, 2, positive=positive)
     state = attn2_patches(patched)[block_keys(model)[0]].state
