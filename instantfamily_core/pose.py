@@ -97,7 +97,7 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
     if isinstance(data, (str, bytes)):
         try:
             data = json.loads(data)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PoseError(f"{name}: not valid JSON ({e})") from None
     if isinstance(data, dict):
         data = [data]
