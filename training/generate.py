@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from instantfamily_core.errors import CheckpointError, IdentityCountError, InstantFamilyError  # noqa: E402
 from instantfamily_core.fileio import atomic_path  # noqa: E402
 from instantfamily_core.masks import boxes_to_masks  # noqa: E402
-from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose  # noqa: E402
+from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose, person_for_box  # noqa: E402
 from instantfamily_core.render import draw_control_image  # noqa: E402
 from training.evaluation.cases import Case, load_cases, load_rgb  # noqa: E402
 
@@ -142,19 +142,8 @@ def template_path(n: int) -> Path:
 
 def pose_from_boxes(boxes: Sequence[Sequence[float]], width: int, height: int, margin: float) -> PoseFrame:
     """A head-and-neck pose, one person per mask box in order: face box = the mask box shrunk by ``1 + margin``
-    (so face box + margin gives the box back), keypoints placed so that the core's ``face_box`` finds it."""
-    people = []
-    for x1, y1, x2, y2 in boxes:
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        half = max(x2 - x1, y2 - y1) / (2 * (1 + margin))
-        body = np.zeros((18, 3))
-        body[0] = (cx, cy, 1)                                   # nose
-        body[1] = (cx, min(height - 1.0, cy + 1.5 * half), 1)  # neck
-        body[14] = (cx - half / 6, cy - half / 6, 1)            # eyes: 3·d = half/2 < half
-        body[15] = (cx + half / 6, cy - half / 6, 1)
-        body[16] = (cx - half / 1.5, cy, 1)                     # ears: 1.5·d = half
-        body[17] = (cx + half / 1.5, cy, 1)
-        people.append({"pose_keypoints_2d": body.reshape(-1).tolist()})
+    (so face box + margin gives the box back), carried as the person's detector box (``face_box_2d``)."""
+    people = [person_for_box(box, margin) for box in boxes]
     return parse_pose({"canvas_width": width, "canvas_height": height, "people": people}, name="slot boxes")
 
 
@@ -207,7 +196,8 @@ def resolve_checkpoint(path: str | os.PathLike, use_ema: bool, workdir: str) -> 
             raise CheckpointError(f"--checkpoint: {p / 'checkpoints'} holds no complete checkpoint (step-N folder "
                                   "with state.json)")
     from training.export import export_folder
-    return export_folder(step, Path(workdir) / "instantfamily.safetensors", use_ema)
+    # fp32: the weights exactly as trained (export.py's default file is fp16)
+    return export_folder(step, Path(workdir) / "instantfamily.safetensors", use_ema, dtype="fp32")
 
 
 def fingerprint(path: Path) -> str:
