@@ -6,8 +6,9 @@ Identity* → *Pose to Masks* → *Apply InstantFamily* → ComfyUI's ``KSampler
 tiny random SD1.5-architecture model file the CLI loads with diffusers (``write_tiny_setup``) and the tiny ONNX
 face pack. Text embeddings are given to both sides (the tiny text encoder is not one ComfyUI can load).
 
-Tolerance: 2e-4 absolute on latents of magnitude ~1 after 4 sampling steps (fp32, CPU): the two sides share
-weights and inputs, not code (attention kernels, convolution layouts, the σ ↔ timestep round trip)."""
+Tolerance: 1e-5 of the latents' largest magnitude (the random tiny model's latents reach ~50) after 4 sampling
+steps, fp32 on CPU: the two sides share weights and inputs, not code (attention kernels, convolution layouts, the
+σ ↔ timestep round trip), and a batch of B rows differs from B single rows by float rounding of the same size."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
 pytest.importorskip("diffusers", reason="the generate CLI needs diffusers: pip install diffusers accelerate")
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
-TOLERANCE = 2e-4
+REL_TOL = 1e-5
 SIZE = 64          # image side; latent 8×8
 STEPS = 4
 COLOURS = [(0, 200, 0), (0, 0, 200), (200, 200, 0)]
@@ -167,11 +168,12 @@ def test_generate_matches_the_comfyui_nodes(host, ws, gen, seed, cfg):
     assert np.array_equal(layout.control, (pose_image[0].numpy() * 255).round().astype(np.uint8))
     ours = g.latents([case.prompt], "", [ids], [layout.masks], [layout.control], [seed], STEPS, cfg)
     assert ours.shape == comfy.shape
+    scale = comfy.abs().max().item()
     diff = (ours - comfy).abs().max().item()
-    assert diff < TOLERANCE, diff
+    assert diff < REL_TOL * scale, (diff, scale)
     # not a comparison of two identity-blind samplers: swapping the identities moves the result far
     swapped = g.latents([case.prompt], "", [ids[::-1]], [layout.masks], [layout.control], [seed], STEPS, cfg)
-    assert (swapped - comfy).abs().max().item() > 100 * TOLERANCE
+    assert (swapped - comfy).abs().max().item() > 100 * REL_TOL * scale
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,9 +188,10 @@ def test_batches_equal_single_images_and_seeds_differ(gen):
                       [r[1].control for r in rows], [r[3] for r in rows], STEPS, 5.0)
     single = torch.cat([g.latents([c.prompt], "", [i], [lay.masks], [lay.control], [s], STEPS, 5.0)
                         for c, lay, i, s in rows])
-    torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
-    assert (batch[0] - batch[2]).abs().max() > 0.01  # another seed, another image
-    assert (batch[0] - batch[1]).abs().max() > 0.01  # another case
+    scale = single.abs().max().item()
+    assert (batch - single).abs().max().item() < REL_TOL * scale
+    assert (batch[0] - batch[2]).abs().max() > 0.01 * scale  # another seed, another image
+    assert (batch[0] - batch[1]).abs().max() > 0.01 * scale  # another case
 
 
 def test_boxes_become_the_masks_and_slot_circles():
@@ -276,15 +279,21 @@ def test_training_checkpoint_folder_gives_the_same_images(ws, tmp_path):
     (step / "run_config.json").write_text(json.dumps({
         "controlnet_config": json_config(s.controlnet.config), "projector_config": s.projector.config.to_dict(),
         "face_pack": "tinypack", "mask_mode": "additive", "num_slots": 4}))
+    solo = tmp_path / "solo.json"
+    cases = json.loads(ws["cases"].read_text())["cases"]
+    for c in cases:
+        for ident in c["identities"]:
+            ident["images"] = [str(ws["cases"].parent / p) for p in ident["images"]]
+    solo.write_text(json.dumps({"cases": [c for c in cases if c["id"] == "solo"]}))
     outs = {}
     for name, ckpt in (("file", s.checkpoint), ("step", step), ("run", tmp_path / "run")):
-        args = cli_args(ws, tmp_path / name, "--seed", "3")
+        args = cli_args(ws, tmp_path / name, "--seed", "3", "--steps", "2")
         args[args.index("--checkpoint") + 1] = str(ckpt)
+        args[args.index("--cases") + 1] = str(solo)
         assert generate.main(args) == 0, name
-        outs[name] = {p.name: np.asarray(__import__("PIL.Image").Image.open(p)) for p in (tmp_path / name).glob("*.png")}
-    assert outs["file"].keys() == outs["step"].keys() == outs["run"].keys() and len(outs["file"]) == 3
-    for k in outs["file"]:
-        assert np.array_equal(outs["file"][k], outs["step"][k]) and np.array_equal(outs["file"][k], outs["run"][k])
+        outs[name] = (tmp_path / name / "solo_3.png").read_bytes()
+    assert outs["file"] == outs["step"], "step folder"
+    assert outs["file"] == outs["run"], "run folder"
 
 
 def test_bad_input_is_a_clear_error(ws, tmp_path, capsys):
