@@ -212,3 +212,36 @@ def test_controlnet_starts_from_the_fp32_unet_before_the_cast(ws, tmp_path, monk
     assert all(v.dtype == torch.float32 for v in seen["cn"].values())
     copied = [k for k in seen["cn"] if k in unet and not k.startswith("controlnet_")]
     assert len(copied) > 50 and all(torch.equal(seen["cn"][k], unet[k]) for k in copied)
+
+
+def test_controlnet_init_starts_training_from_the_given_controlnet_and_refuses_other_files(ws, tmp_path):
+    """--controlnet-init on the CLI (layouts checked against ComfyUI's loader in test_training_real_files.py)."""
+    from safetensors.torch import save_file
+
+    from instantfamily_core.errors import BaseModelError, ModelFileError
+    unet = ws.setup.components.unet
+    start = {k: v.clone() for k, v in ws.setup.controlnet.state_dict().items()}  # random zero-convs: not from_unet
+    init = tmp_path / "openpose-diffusers-fp16.safetensors"
+    save_file({k: v.half() for k, v in start.items()}, str(init))
+    cn = M.load_controlnet_init(init, unet)
+    assert all(v.dtype == torch.float32 and torch.equal(v, start[k].half().float()) for k, v in cn.state_dict().items())
+
+    out = tmp_path / "run"
+    assert train.main(ws.train_args(out, "--max-steps", "1", "--checkpoint-every", "1", "--lr", "0",
+                                    "--max-grad-norm", "0", "--controlnet-init", str(init), "--dtype", "fp32")) == 0
+    trained = load_file(str(out / "checkpoints" / "step-0000001" / "model.safetensors"))
+    got = {k[len("controlnet."):]: v for k, v in trained.items() if k.startswith("controlnet.")}
+    assert set(got) == set(start) and all(torch.equal(got[k], start[k].half().float()) for k in got)  # lr 0
+
+    with pytest.raises(BaseModelError, match="not a ControlNet"):
+        M.load_controlnet_init(ws.setup.single_file, unet)  # an SD1.5 checkpoint
+    bad = dict(start)
+    w = bad["controlnet_cond_embedding.conv_in.weight"]
+    bad["controlnet_cond_embedding.conv_in.weight"] = torch.zeros(w.shape[0], 1, *w.shape[2:])
+    save_file(bad, str(tmp_path / "depth-1ch.safetensors"))
+    with pytest.raises(BaseModelError, match="1 channels"):
+        M.load_controlnet_init(tmp_path / "depth-1ch.safetensors", unet)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        M.load_controlnet_init(tmp_path / "nope.pth", unet)
+    assert train.main(ws.train_args(tmp_path / "run2", "--max-steps", "1",
+                                    "--controlnet-init", str(tmp_path / "depth-1ch.safetensors"))) == 2
