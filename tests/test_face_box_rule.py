@@ -118,3 +118,14 @@ def test_training_masks_use_the_stored_detector_box():
     assert face_box(pose.people[1]) == (270.0, 70.0, 330.0, 146.0)
     assert face_box(pose.people[0]) == face_box(parse_pose(record["pose"]).people[0])  # no detection: the rule
     assert "face_box_2d" not in record["pose"]["people"][1]  # the record itself is untouched
+
+
+def test_person_for_box_gives_the_box_back_through_the_margin():
+    from instantfamily_core.pose import person_for_box
+    box = (40.0, 30.0, 140.0, 150.0)
+    p = person_for_box(box, 0.25)
+    f = parse_pose({"canvas_width": 512, "canvas_height": 512, "people": [p]})
+    assert expand_box(face_box(f.people[0]), 0.25, 512, 512) == pytest.approx(box)
+    # without the carried box its keypoints still describe about the same face (the body rule)
+    body_only = _box({"pose_keypoints_2d": p["pose_keypoints_2d"]}, (512, 512))
+    assert abs(_size(body_only) / _size(face_box(f.people[0])) - 1) <= TOLERANCE

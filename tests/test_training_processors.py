@@ -66,19 +66,22 @@ def test_identity_tokens_act_only_inside_their_mask():
     assert diff[:, 4:].max() == 0  # and does nothing in the right half
 
 
+@pytest.mark.parametrize("mode", ["additive", "paper"])
 @pytest.mark.parametrize("with_control", [True, False])
-def test_all_zero_mask_makes_a_padding_slot_invisible(setup, with_control):
+def test_all_zero_mask_makes_a_padding_slot_invisible(setup, with_control, mode):
+    # paper mode added with issue 9: its padding slots used to take attention (50 null keys at logit 0 each)
     lat, t, text, ctl = _inputs()
     ids = torch.randn(2, 1, T, 768)
     masks = torch.zeros(2, 1, 64, 64)
     masks[0, 0, 8:40, 8:40] = 1
     masks[1, 0, 20:60, 4:30] = 1
     control = ctl if with_control else None
-    one = M.predict_noise(setup.components.unet, setup.controlnet, setup.projector, lat, t, text, ids, masks, control)
+    one = M.predict_noise(setup.components.unet, setup.controlnet, setup.projector, lat, t, text, ids, masks, control,
+                          mask_mode=mode)
     padded_ids = torch.cat([ids, torch.randn(2, 3, T, 768)], 1)
     padded_masks = torch.cat([masks, torch.zeros(2, 3, 64, 64)], 1)
     four = M.predict_noise(setup.components.unet, setup.controlnet, setup.projector, lat, t, text, padded_ids,
-                           padded_masks, control)
+                           padded_masks, control, mask_mode=mode)
     torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-6)
 
 
