@@ -220,3 +220,69 @@ def test_a_skipped_identity_keeps_its_slot_and_acts_nowhere(host, sd15, faceid):
     get = lambda m: call(m.model_options["transformer_options"]["patches_replace"]["attn2"][blk], q, k, v, blk,  # noqa
                          (8, 8))
     torch.testing.assert_close(get(both), get(solo), atol=1e-5, rtol=1e-5)  # right half: text only in both
+
+
+@pytest.fixture(scope="module")
+def clip_vision_h2(host, tmp_path_factory):
+    """ComfyUI's own CLIP_VISION object with ViT-H's width (1280, 257 tokens at 224 px) but 2 layers, random."""
+    import json
+    import comfy.clip_vision
+    from support.comfy_models import randomise
+    cfg = json.loads((find_comfyui() / "comfy" / "clip_vision_config_h.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    path = tmp_path_factory.mktemp("clipvision") / "vit_h_2layers.json"
+    path.write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(path))
+    randomise(cv.model, 9, std=0.02)
+    return cv
+
+
+def test_plus_v2_through_comfys_clip_vision_uses_rgb_crops_and_zero_pixel_uncond(host, sd15, tmp_path, clip_vision_h2):
+    import numpy as np
+    from instantfamily_core.faceid import person_tokens
+    from instantfamily_core.identity import IdentityFeatures
+    _, _, m = host
+    ff.write_bin(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin", ff.faceid_parts("plus"))
+    plus = m["faceid_nodes"].load_faceid_model(str(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin"),
+                                               "auto (file name)", m["faceid_nodes"].EMBEDDED_LORA)
+    g = np.random.default_rng(0)
+    crops = [g.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
+    base = _ids(1)[0]
+    ident = IdentityFeatures(base.global_embedding, base.local_map, name="ann", face_pack="buffalo_l",
+                             extra={"faceid_embeddings": [base.global_embedding], "faceid_crops": crops})
+    model = apply(host, sd15, plus, [ident], halves(1), clip_vision=clip_vision_h2, s_scale=0.8)
+    rule = model.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0)].callback[-1]
+    with torch.no_grad():  # independent path: normalise by hand (CLIP mean/std), call the vision model directly
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        px = torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255 for c in crops])
+        hid = clip_vision_h2.model(pixel_values=(px - mean) / std, intermediate_output=-2)[1].float()
+        zero = clip_vision_h2.model(pixel_values=torch.zeros(1, 3, 224, 224), intermediate_output=-2)[1].float()
+    assert hid.shape == (2, 257, 1280)
+    want, want_u = person_tokens(plus.projection, "plusv2", "ann", base.global_embedding,
+                                 torch.cat([hid.mean(0, keepdim=True), zero]), 0.8)
+    torch.testing.assert_close(rule.tokens[0], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rule.null_tokens[0], want_u, atol=1e-4, rtol=1e-4)
+    black = clip_vision_h2.encode_image(torch.zeros(1, 224, 224, 3)).penultimate_hidden_states.float()
+    assert not torch.allclose(black, zero, atol=1e-3)  # a black image is not the reference's uncond input
+
+
+def test_both_modes_share_one_hook_per_block_in_either_order(host, sd15, faceid, tmp_path):
+    from support.comfy_models import write_tiny_checkpoint
+    nodes, pack, _ = host
+    mn = sys.modules[f"{pack.__name__}.nodes.model_nodes"]
+    write_tiny_checkpoint(tmp_path / "if.safetensors")
+    ifmodel = mn.load_instantfamily(str(tmp_path / "if.safetensors"))
+    ids = _ids(2)
+    cond = [[torch.zeros(1, 77, 768), {}]]
+
+    def instantfamily(model):
+        return mn.ApplyInstantFamily().apply(model, ifmodel, ids, torch.zeros(1, 64, 64, 3), halves(2), cond, cond,
+                                             1.0, "", 0.0, 0.0, 1.0, "checkpoint")[0]
+    for model in (apply(host, instantfamily(sd15), faceid, ids, halves(2)),
+                  instantfamily(apply(host, sd15, faceid, ids, halves(2)))):
+        replace = model.model_options["transformer_options"]["patches_replace"]["attn2"]
+        assert len(replace) == 16 and all(len(k) == 2 for k in replace)
+        for hook in replace.values():
+            assert hook.state is not None  # InstantFamily's joint attention as the base rule …
+            assert [type(c).__name__ for c in hook.callback] == ["FaceIDRule"]  # … plus the FaceID term

@@ -172,3 +172,23 @@ def generate_in_subprocess(kind: str, path: str) -> None:
                                         fn={"checkpoint": "write_sd15_checkpoint",
                                             "controlnet": "write_sd15_openpose_controlnet"}[kind])
     subprocess.run([sys.executable, "-c", code], check=True, timeout=900)
+
+
+FIXTURE_VERSION = 1
+
+
+def cached_full_size(kind: str) -> str:
+    """Path of a full-size random fixture (``checkpoint`` or ``controlnet``), generated once per machine in
+    ``~/.cache/instantfamily/fixtures`` (XDG_CACHE_HOME respected) — deterministic, never committed."""
+    import os
+    from pathlib import Path
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instantfamily" / "fixtures"
+    cache.mkdir(parents=True, exist_ok=True)
+    name = {"checkpoint": f"sd15_random_v{FIXTURE_VERSION}.safetensors",
+            "controlnet": f"control_sd15_random_v{FIXTURE_VERSION}.pth"}[kind]
+    path = cache / name
+    if not path.is_file():
+        tmp = cache / f".{name}.{os.getpid()}.tmp{path.suffix}"
+        generate_in_subprocess(kind, str(tmp))
+        os.replace(tmp, path)
+    return str(path)
