@@ -20,6 +20,8 @@ def validate_masks(masks, expected_count: int | None = None, name: str = "masks"
         masks = masks.unsqueeze(0)
     if masks.ndim not in (3, 4) or masks.shape[-2] < 1 or masks.shape[-1] < 1:
         raise MaskError(f"{name}: expected shape (N, H, W) or (batch, N, H, W), got {tuple(masks.shape)}")
+    if masks.ndim == 4 and masks.shape[0] == 0:
+        raise MaskError(f"{name}: the batch holds no masks (shape {tuple(masks.shape)})")
     if expected_count is not None and masks.shape[-3] != expected_count:
         raise MaskError(f"{name}: got {masks.shape[-3]} masks but there are {expected_count} identities; "
                         "give exactly one mask per identity, in slot order")

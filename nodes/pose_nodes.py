@@ -79,6 +79,11 @@ class PoseToMasks:
         slots = assign_slots(frame, len(identities), parse_order(identity_order), margin, empty=skipped)
         if masks is not None:
             user = validate_masks(masks, expected_count=len(identities), name="masks")
+            if user.ndim == 4:  # Pose to Masks makes one (N, H, W) set: a batch of one is fine, more is ambiguous
+                if user.shape[0] != 1:
+                    raise MaskError(f"masks: expected (N, H, W) masks, one per identity; got a batch of "
+                                    f"{user.shape[0]} sets {tuple(user.shape)}")
+                user = user[0]
             out_masks = resize_masks(user, (height, width)).clone()
             out_masks[skipped] = 0.0  # a skipped identity acts nowhere
         else:
