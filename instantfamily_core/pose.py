@@ -92,6 +92,19 @@ def _points(raw, name: str, what: str) -> Optional[np.ndarray]:
     return pts
 
 
+def count_frames(data) -> int:
+    """How many frames a POSE_KEYPOINT value holds: 1 for a single frame dict, the list's length for a list, 0 when
+    it is neither (:func:`parse_pose` says what is wrong)."""
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return 0
+    if isinstance(data, dict):
+        return 1
+    return len(data) if isinstance(data, (list, tuple)) else 0
+
+
 def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
     """Parse one frame of POSE_KEYPOINT data into a :class:`PoseFrame` in pixel coordinates."""
     if isinstance(data, (str, bytes)):
@@ -112,7 +125,7 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
         raise PoseError(f"{name}: frame {frame} must be a dict, got {type(f).__name__}")
     try:
         width, height = int(f["canvas_width"]), int(f["canvas_height"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise PoseError(f"{name}: frame {frame} needs integer 'canvas_width' and 'canvas_height'") from None
     if width < 1 or height < 1:
         raise PoseError(f"{name}: canvas size must be positive, got {width}×{height}")
@@ -147,6 +160,11 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
             box = np.array([[flat[0], flat[1], 1.0], [flat[2], flat[3], 1.0]])
         people.append(Person(body, face, box))
     if not people:
+        animals = f.get("animals")
+        if isinstance(animals, (list, tuple)) and animals:
+            raise PoseError(f"{name}: frame {frame} is an animal pose ({f.get('version') or 'AnimalPose'}, "
+                            f"{len(animals)} animal(s)) with no people; InstantFamily places identities on people: "
+                            "use an OpenPose or DWPose preprocessor (people), not AnimalPose")
         raise PoseError(f"{name}: frame {frame} has no people; expected at least one person with keypoints")
 
     people = [Person(_drop_markers(p.body, width, height), _drop_markers(p.face, width, height), p.box)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import folder_paths
@@ -11,14 +12,15 @@ import torch
 from instantfamily_core.errors import MaskError, ModelFileError, PoseError
 from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
-from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, parse_order, parse_pose, pose_from_faces,
-                                     poses_from_controlnet_aux)
+from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, count_frames, parse_order, parse_pose,
+                                     pose_from_faces, poses_from_controlnet_aux)
 from instantfamily_core.render import draw_control_image, draw_openpose_image, draw_preview
 
 from . import paths
 from .convert import images_to_uint8, uint8_to_image
 from .face_nodes import CATEGORY, FACE_ANALYSIS, IDENTITIES
 
+logger = logging.getLogger(__name__)
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pose_templates")
 NO_TEMPLATE = "none (use pose_keypoint)"
 CONTROL_STYLES = ("skeleton + slot circles (InstantFamily)", "OpenPose: skeleton + face points (public weights)")
@@ -43,7 +45,8 @@ class PoseToMasks:
                    "indices), draws the OpenPose control image with one coloured circle per slot, and makes one "
                    "face mask per identity (face box + margin). A skipped identity (Encode Identity, on_no_face = "
                    "skip) keeps its person but gets no circle and an empty mask. The preview shows masks and slot "
-                   "numbers, and marks skipped slots.")
+                   "numbers, and marks skipped slots. A pose with several frames: only the first is used (the "
+                   "preview says so).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("pose_image", "masks", "preview")
@@ -75,6 +78,12 @@ class PoseToMasks:
                 raise PoseError("pose_keypoint: connect a POSE_KEYPOINT input or choose a template")
             pose_keypoint = load_template(template)
         frame = parse_pose(pose_keypoint, name="pose_keypoint").scaled(width, height)
+        frames = count_frames(pose_keypoint)
+        note = None
+        if frames > 1:  # one set of masks and one control image per run: say so instead of dropping silently
+            note = f"pose: frame 1 of {frames} used"
+            logger.warning("Pose to Masks: pose_keypoint holds %d frames; only the first is used (one control "
+                           "image and one set of masks for every latent of the batch)", frames)
         skipped = skipped_slots(identities)
         slots = assign_slots(frame, len(identities), parse_order(identity_order), margin, empty=skipped)
         if masks is not None:
@@ -95,7 +104,21 @@ class PoseToMasks:
         else:
             raise PoseError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
         preview = draw_preview(control, slots, out_masks)
+        if note:
+            preview = _caption(preview, note)
         return (uint8_to_image(control), out_masks, uint8_to_image(preview))
+
+
+def _caption(image, text: str):
+    """``image`` (H×W×3 uint8) with ``text`` written along its bottom edge (black outline, white letters)."""
+    import cv2
+
+    out = image.copy()
+    scale = max(0.3, min(out.shape[0], out.shape[1]) / 512 * 0.6)
+    org = (4, out.shape[0] - 6)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
 
 
 OPENPOSE_METHOD = "openpose (controlnet-aux)"
