@@ -41,7 +41,7 @@ from instantfamily_core.errors import InstantFamilyError  # noqa: E402
 from instantfamily_core.pose import (DEFAULT_MARGIN, PoseFrame, assign_slots, expand_box, face_box,  # noqa: E402
                                      parse_pose, poses_from_controlnet_aux)
 from training.data import (FORMAT_VERSION, MANIFEST, MANIFEST_FORMAT, DatasetError, PreparedSample,  # noqa: E402
-                           atomic_write_text, read_shard_metadata, shard_name, write_shard)
+                           atomic_write_text, read_shard_metadata, shard_name, with_detector_boxes, write_shard)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -269,12 +269,13 @@ def process_item(item: InputItem, analyzer, args, detector: Optional[PoseDetecto
     crop = np.ascontiguousarray(resized[y0:y0 + r, x0:x0 + r])
     if crop.shape[:2] != (r, r):
         raise SkipItem(f"image too small to crop {r}×{r}")
-    preview = None
-    if not args.no_pose_preview:
-        order = [k["person"] for k in sorted(kept, key=lambda k: (k["bbox"][0] + k["bbox"][2]) / 2)][:args.num_slots]
-        preview = encode(draw_control_image(assign_slots(moved, len(order), order=order, margin=args.margin)), "png")
     record = {"key": item.key, "caption": caption, "size": r, "pose": pose, "source_size": [w, h],
               "faces": [{k: v for k, v in f.items() if k != "_d"} for f in kept]}
+    preview = None
+    if not args.no_pose_preview:  # drawn as training draws it: detector boxes, slots left to right
+        order = [k["person"] for k in sorted(kept, key=lambda k: (k["bbox"][0] + k["bbox"][2]) / 2)][:args.num_slots]
+        boxed = parse_pose(with_detector_boxes(record), name=f"{item.key} pose")
+        preview = encode(draw_control_image(assign_slots(boxed, len(order), order=order, margin=args.margin)), "png")
     g = np.stack([faces[f["_d"]].global_embedding for f in kept])
     loc = np.stack([faces[f["_d"]].local_map for f in kept])
     return PreparedSample(record, encode(crop, args.image_format), g, loc, preview)
