@@ -12,6 +12,7 @@ from . import paths  # noqa: E402
 
 paths.register_folders()
 
+from .doctor_node import InstantFamilyDoctor  # noqa: E402
 from .face_nodes import CombineIdentities, EncodeIdentity, FaceAnalysisLoader, LoadIdentities, SaveIdentities  # noqa: E402
 from .faceid_nodes import ApplyFaceID, FaceIDLoader  # noqa: E402
 from .model_nodes import ApplyInstantFamily, InstantFamilyLoader  # noqa: E402
@@ -29,6 +30,7 @@ _NODES = {
     "ApplyInstantFamily": (ApplyInstantFamily, "Apply InstantFamily"),
     "InstantFamilyFaceIDLoader": (FaceIDLoader, "InstantFamily FaceID Loader (public weights)"),
     "ApplyInstantFamilyFaceID": (ApplyFaceID, "Apply InstantFamily FaceID (public weights)"),
+    "InstantFamilyDoctor": (InstantFamilyDoctor, "InstantFamily Doctor (check installation)"),
 }
 NODE_CLASS_MAPPINGS = {k: v[0] for k, v in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v[1] for k, v in _NODES.items()}

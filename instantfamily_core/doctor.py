@@ -1,0 +1,636 @@
+"""Installation doctor: checks what InstantFamily needs and says, per row, exactly what to fix.
+
+Used by ``python tools/doctor.py`` (finds ComfyUI itself) and by the *InstantFamily Doctor* node (gets its folders
+from ComfyUI's ``folder_paths``), so both print the same table. This module imports nothing heavy at import time
+— not ComfyUI, not even torch — so it still reports when torch, numpy or onnxruntime are what is broken; each
+check imports what it inspects and turns the failure into a row.
+
+Rows have a status: ``ok``, ``warn`` (works, but worth knowing) or ``FAIL`` (something needed is missing or broken).
+The exit code is 1 when any row failed, else 0. A mode row at the end says which way of generating is ready:
+*InstantFamily* (a checkpoint you trained + its face pack) or *public weights* (IP-Adapter-FaceID + buffalo_l +
+the OpenPose ControlNet, + CLIP ViT-H for Plus); at least one must be.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+TESTED_COMFYUI = "0.3.64"
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-silicon",
+             "onnxruntime-rocm", "ort-nightly", "ort-nightly-gpu")
+ORT_FIX_CPU = "pip uninstall -y {dists} && pip install onnxruntime"
+ORT_FIX_GPU = "pip uninstall -y {dists} && pip install onnxruntime-gpu"
+NUMPY_ABI_MARKERS = ("numpy.dtype size changed", "compiled using NumPy 1.x", "_ARRAY_API not found",
+                     "numpy.core.multiarray failed to import", "binary incompatibility", "numpy.core._multiarray_umath")
+WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+FACEID_DOWNLOAD = "https://huggingface.co/h94/IP-Adapter-FaceID"
+OPENPOSE_DOWNLOAD = ("control_v11p_sd15_openpose (e.g. control_v11p_sd15_openpose_fp16.safetensors from "
+                     "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors)")
+
+
+@dataclass
+class Check:
+    """One row: ``name`` what was checked, ``status`` ok/warn/FAIL, ``detail`` what was found, ``fix`` what to do."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Locations:
+    """Where to look. ``comfyui`` is None when no ComfyUI was found; folder lists may hold missing folders."""
+
+    comfyui: Optional[Path] = None
+    comfyui_version: Optional[str] = None
+    folders: dict = field(default_factory=dict)  # ComfyUI folder name → list of paths
+
+    def get(self, name: str) -> list[Path]:
+        return [Path(p) for p in self.folders.get(name, [])]
+
+
+FOLDERS = {  # folder name in ComfyUI → default sub-folder of ComfyUI/models
+    "insightface": "insightface", "instantfamily": "instantfamily", "controlnet": "controlnet",
+    "ipadapter": "ipadapter", "clip_vision": "clip_vision", "loras": "loras", "checkpoints": "checkpoints",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding ComfyUI (the CLI; the node knows where it runs)
+
+def is_comfyui(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "folder_paths.py").is_file()
+
+
+def comfyui_version(root: Path) -> Optional[str]:
+    """``__version__`` from ``comfyui_version.py`` (read, not imported), else ``pyproject.toml``'s version."""
+    for name, pattern in (("comfyui_version.py", r"__version__\s*=\s*['\"]([^'\"]+)"),
+                          ("pyproject.toml", r"(?m)^version\s*=\s*['\"]([^'\"]+)")):
+        p = root / name
+        if p.is_file():
+            m = re.search(pattern, p.read_text(encoding="utf-8", errors="replace"))
+            if m:
+                return m.group(1)
+    return None
+
+
+def find_comfyui(explicit: Optional[str] = None, pack_root: Optional[Path] = None) -> tuple[Optional[Path], list[str]]:
+    """The ComfyUI folder and the places tried: ``explicit``, ``$COMFYUI_PATH``, the pack's ``custom_nodes``
+    parent, ``~/comfy/ComfyUI``."""
+    tried = []
+    cands = []
+    if explicit:
+        cands.append(Path(explicit).expanduser())
+    if os.environ.get("COMFYUI_PATH"):
+        cands.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    if pack_root is not None and pack_root.parent.name == "custom_nodes":
+        cands.append(pack_root.parent.parent)
+    cands.append(Path.home() / "comfy" / "ComfyUI")
+    for c in cands:
+        tried.append(str(c))
+        if is_comfyui(c):
+            return c.resolve(), tried
+    return None, tried
+
+
+def extra_model_paths(root: Path) -> dict:
+    """Folders from ``<root>/extra_model_paths.yaml`` (ComfyUI's rules: ``base_path`` + relative entries, several
+    paths per entry separated by new lines). ``{}`` without the file or PyYAML."""
+    path = root / "extra_model_paths.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        import yaml
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except Exception:  # noqa: BLE001 - a broken yaml is reported by ComfyUI itself
+        return {}
+    out: dict = {}
+    for conf in config.values():
+        if not isinstance(conf, dict):
+            continue
+        base = conf.get("base_path")
+        base = os.path.expandvars(os.path.expanduser(str(base))) if base else None
+        if base and not os.path.isabs(base):
+            base = os.path.abspath(os.path.join(root, base))
+        for key, value in conf.items():
+            if key in ("base_path", "is_default") or not isinstance(value, str):
+                continue
+            for line in value.split("\n"):
+                line = line.strip()
+                if line:
+                    full = os.path.join(base, line) if base else line
+                    out.setdefault(key, []).append(os.path.normpath(os.path.expandvars(os.path.expanduser(full))))
+    return out
+
+
+def locations_for(root: Optional[Path]) -> Locations:
+    """Default ComfyUI model folders of ``root`` merged with ``extra_model_paths.yaml``."""
+    if root is None:
+        return Locations()
+    extra = extra_model_paths(root)
+    folders = {}
+    for name, sub in FOLDERS.items():
+        folders[name] = [str(root / "models" / sub)] + [p for p in extra.get(name, []) if p]
+    return Locations(root, comfyui_version(root), folders)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment checks
+
+def _version_tuple(v: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def check_comfyui(loc: Locations, tried: Iterable[str] = ()) -> Check:
+    if loc.comfyui is None:
+        return Check("ComfyUI", FAIL, f"not found (tried {', '.join(tried) or 'nothing'})",
+                     "run from ComfyUI/custom_nodes/ComfyUI-InstantFamily, or pass --comfyui <ComfyUI folder>, or set "
+                     "COMFYUI_PATH")
+    v = loc.comfyui_version
+    if v is None:
+        return Check("ComfyUI", WARN, f"{loc.comfyui} (version unknown: no comfyui_version.py)",
+                     f"update ComfyUI (git pull); this pack is tested with {TESTED_COMFYUI}")
+    if _version_tuple(v) < _version_tuple(TESTED_COMFYUI):
+        return Check("ComfyUI", WARN, f"{v} at {loc.comfyui}",
+                     f"older than the tested {TESTED_COMFYUI}; update ComfyUI (git pull, then pip install -r "
+                     "requirements.txt)")
+    return Check("ComfyUI", OK, f"{v} at {loc.comfyui}")
+
+
+def check_torch(importer=importlib.import_module) -> Check:
+    try:
+        torch = importer("torch")
+    except Exception as e:  # noqa: BLE001 - any import failure is the finding
+        return Check("torch + CUDA", FAIL, f"torch does not import: {type(e).__name__}: {_first_line(e)}",
+                     "install ComfyUI's torch (see ComfyUI's README); this pack never installs torch")
+    cuda_build = getattr(getattr(torch, "version", None), "cuda", None)
+    try:
+        available = bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        available = False
+    if available:
+        try:
+            name = torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001
+            name = "GPU"
+        return Check("torch + CUDA", OK, f"torch {torch.__version__}, CUDA {cuda_build}: {name}")
+    if cuda_build:
+        return Check("torch + CUDA", WARN, f"torch {torch.__version__} built for CUDA {cuda_build}, but no GPU is "
+                     "usable (driver missing or too old?)", "update the NVIDIA driver, or run ComfyUI with --cpu")
+    mps = getattr(getattr(torch, "backends", None), "mps", None)
+    if mps is not None and getattr(mps, "is_available", lambda: False)():
+        return Check("torch + CUDA", OK, f"torch {torch.__version__}, Apple MPS")
+    return Check("torch + CUDA", WARN, f"torch {torch.__version__}, CPU only (sampling will be slow)",
+                 "for an NVIDIA GPU install a CUDA build of torch (see pytorch.org)")
+
+
+def installed_dists(names: Iterable[str], version_of: Optional[Callable[[str], str]] = None) -> dict:
+    """``{distribution: version}`` of those of ``names`` that are installed (``importlib.metadata``)."""
+    from importlib import metadata
+    version_of = version_of or metadata.version
+    out = {}
+    for n in names:
+        try:
+            out[n] = version_of(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def check_onnxruntime(importer=importlib.import_module, version_of=None) -> list[Check]:
+    dists = installed_dists(ORT_DISTS, version_of)
+    listed = ", ".join(f"{k} {v}" for k, v in dists.items())
+    rows = []
+    if not dists:
+        rows.append(Check("onnxruntime", FAIL, "not installed", "pip install onnxruntime   (or onnxruntime-gpu for "
+                          "NVIDIA; never both)"))
+    elif len(dists) > 1:
+        gpu = "onnxruntime-gpu" in dists
+        rows.append(Check("onnxruntime", FAIL, f"{len(dists)} onnxruntime distributions installed ({listed}); they "
+                          "share one 'onnxruntime' folder and overwrite each other",
+                          (ORT_FIX_GPU if gpu else ORT_FIX_CPU).format(dists=" ".join(dists))))
+    else:
+        rows.append(Check("onnxruntime", OK, listed))
+    try:
+        ort = importer("onnxruntime")
+        providers = list(ort.get_available_providers())
+    except Exception as e:  # noqa: BLE001
+        if dists:
+            rows.append(Check("onnxruntime providers", FAIL, f"import onnxruntime fails: {type(e).__name__}: "
+                              f"{_first_line(e)}", f"reinstall it: pip install --force-reinstall "
+                              f"{' '.join(dists) if len(dists) == 1 else 'onnxruntime'}"))
+        return rows
+    detail = ", ".join(providers)
+    if "onnxruntime-gpu" in dists and "CUDAExecutionProvider" not in providers:
+        rows.append(Check("onnxruntime providers", WARN, f"{detail} — onnxruntime-gpu without CUDA", "install the "
+                          "CUDA/cuDNN versions your onnxruntime-gpu needs (see onnxruntime.ai), or use the CPU "
+                          "provider (face analysis is fast on the CPU)"))
+    else:
+        rows.append(Check("onnxruntime providers", OK, detail))
+    return rows
+
+
+def check_insightface(importer=importlib.import_module) -> Check:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # insightface 0.7.3 imports albumentations, which phones home
+    try:
+        mod = importer("insightface")
+        importer("insightface.app")
+    except Exception as e:  # noqa: BLE001
+        text = f"{type(e).__name__}: {e}"
+        if any(m in text for m in NUMPY_ABI_MARKERS):
+            return Check("insightface", FAIL, f"numpy ABI mismatch at import ({_first_line(e)}): the installed "
+                         f"insightface was compiled against another numpy major version ({_numpy_version(importer)})",
+                         "pip install -U \"insightface>=1.0\"   (pure Python, no compiled parts); or keep 0.7.3 "
+                         "and rebuild it: pip install --force-reinstall --no-binary insightface insightface==0.7.3")
+        if isinstance(e, ModuleNotFoundError) and getattr(e, "name", "") == "insightface":
+            return Check("insightface", FAIL, "not installed", "pip install insightface")
+        return Check("insightface", FAIL, f"import fails: {type(e).__name__}: {_first_line(e)}",
+                     "pip install --force-reinstall insightface   (and see the error for the module it needs)")
+    return Check("insightface", OK, f"{getattr(mod, '__version__', '?')}")
+
+
+def _numpy_version(importer) -> str:
+    try:
+        return f"numpy {importer('numpy').__version__} installed"
+    except Exception:  # noqa: BLE001
+        return "numpy does not import"
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model files
+
+@dataclass
+class Models:
+    """What the model checks found, for the mode summary."""
+
+    packs: dict = field(default_factory=dict)        # valid pack name → folder
+    checkpoints: dict = field(default_factory=dict)  # valid InstantFamily file → face pack it needs
+    faceid: dict = field(default_factory=dict)       # valid FaceID file → (variant, has LoRA)
+    faceid_loras: list = field(default_factory=list)
+    clip_vision: list = field(default_factory=list)
+    openpose: list = field(default_factory=list)     # usable OpenPose ControlNets
+    bases: list = field(default_factory=list)
+
+
+def _files(folders: Iterable[Path], exts=WEIGHT_EXTS, recursive: bool = True) -> list[Path]:
+    out = []
+    for d in folders:
+        if not d.is_dir():
+            continue
+        it = d.rglob("*") if recursive else d.iterdir()
+        out += sorted(p for p in it if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith("."))
+    return out
+
+
+def _where(folders: list[Path]) -> str:
+    return str(folders[0]) if folders else "the ComfyUI models folder"
+
+
+def check_face_packs(loc: Locations, models: Models) -> list[Check]:
+    roots = loc.get("insightface")
+    try:
+        from instantfamily_core.errors import InstantFamilyError, NestedPackError
+        from instantfamily_core.faces.packs import list_packs, models_dir, resolve_pack
+    except Exception as e:  # noqa: BLE001 - e.g. torch or onnx broken
+        return [Check("face packs", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
+                      "fix the rows above (torch / numpy / onnx) first")]
+    rows = []
+    for root in roots:
+        for stray in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "models") if root.is_dir() else []:
+            if any(stray.glob("*.onnx")) or any(stray.glob("*/*.onnx")):
+                rows.append(Check(f"face pack {stray.name}", FAIL, f"{stray} is outside {models_dir(root)}",
+                                  f"move it to {models_dir(root) / stray.name} (insightface reads <root>/models/<pack>)"))
+        for name in list_packs(root, include_nested=True):
+            try:
+                pack = resolve_pack(root, name)
+            except NestedPackError as e:
+                rows.append(Check(f"face pack {name}", FAIL, "nested one folder too deep", str(e)))
+            except InstantFamilyError as e:
+                rows.append(Check(f"face pack {name}", FAIL, "missing or broken files", str(e)))
+            except Exception as e:  # noqa: BLE001 - onnx not importable, permissions, ...
+                rows.append(Check(f"face pack {name}", FAIL, f"cannot be read: {type(e).__name__}: {_first_line(e)}",
+                                  "pip install onnx, and check the files are readable"))
+            else:
+                models.packs.setdefault(name, pack.path)
+                rows.append(Check(f"face pack {name}", OK, f"{pack.path}: detector {pack.detector.name}, "
+                                  f"recognizer {pack.recognizer.name}"))
+    if not models.packs and not rows:
+        rows.append(Check("face packs", FAIL, f"none in {', '.join(str(models_dir(r)) for r in roots) or '(no folder)'}",
+                          f"download antelopev2 (InstantFamily checkpoints) and/or buffalo_l (FaceID) and unzip each "
+                          f"so its .onnx files lie in {models_dir(roots[0]) if roots else 'models/insightface/models'}"
+                          "/<pack>/"))
+    return rows
+
+
+def check_checkpoints(loc: Locations, models: Models) -> list[Check]:
+    folders = loc.get("instantfamily")
+    files = [p for p in _files(folders, (".safetensors",)) if "identities" not in p.relative_to(
+        next(f for f in folders if _is_under(p, f))).parts[:-1]]
+    try:
+        from instantfamily_core.checkpoint import load_checkpoint
+        from instantfamily_core.errors import InstantFamilyError
+    except Exception as e:  # noqa: BLE001
+        return [Check("InstantFamily checkpoints", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
+                      "fix the rows above first")] if files else []
+    rows = []
+    for p in files:
+        try:
+            ck = load_checkpoint(str(p))
+        except InstantFamilyError as e:
+            rows.append(Check(f"checkpoint {p.name}", FAIL, str(e), f"re-export it (python training/export.py) or "
+                              f"remove it from {p.parent}"))
+            continue
+        except Exception as e:  # noqa: BLE001 - out of memory, permissions
+            rows.append(Check(f"checkpoint {p.name}", FAIL, f"cannot load: {type(e).__name__}: {_first_line(e)}",
+                              f"check the file, or remove it from {p.parent}"))
+            continue
+        layout_ok, why = _controlnet_layout_ok(set(ck.controlnet), ck.meta.controlnet_layout)
+        if not layout_ok:
+            rows.append(Check(f"checkpoint {p.name}", FAIL, f"ControlNet tensors do not match its "
+                              f"controlnet_layout={ck.meta.controlnet_layout!r}: {why}",
+                              "re-export it with training/export.py"))
+            continue
+        models.checkpoints[p.name] = ck.meta.face_pack
+        rows.append(Check(f"checkpoint {p.name}", OK, f"schema v1, face pack {ck.meta.face_pack or '?'}, "
+                          f"{ck.meta.max_identities} slots, mask {ck.meta.mask_mode}, ControlNet "
+                          f"{ck.meta.controlnet_layout}"))
+    return rows
+
+
+def _is_under(p: Path, folder: Path) -> bool:
+    try:
+        p.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _controlnet_layout_ok(keys: set, layout: str) -> tuple[bool, str]:
+    """The keys ComfyUI's ControlNet loader recognises a layout by."""
+    if layout == "diffusers":
+        want = "controlnet_cond_embedding.conv_in.weight"
+    else:
+        want = "input_hint_block.0.weight"
+        keys = {k[len("control_model."):] if k.startswith("control_model.") else k for k in keys}
+    return (want in keys, f"no {want!r}")
+
+
+def check_faceid(loc: Locations, models: Models) -> list[Check]:
+    """IP-Adapter-FaceID files in ``ipadapter`` (names with 'faceid'), their LoRAs, CLIP ViT-H for Plus."""
+    files = [p for p in _files(loc.get("ipadapter")) if "faceid" in p.name.lower() and not
+             p.name.lower().endswith("_lora.safetensors")]
+    models.faceid_loras = [p for p in _files(loc.get("loras"), (".safetensors",))
+                           if "faceid" in p.name.lower() and p.name.lower().endswith("_lora.safetensors")]
+    models.clip_vision = _files(loc.get("clip_vision"))
+    rows = []
+    try:
+        from instantfamily_core.faceid import load_faceid
+    except ImportError:
+        load_faceid = None
+    except Exception as e:  # noqa: BLE001 - torch broken
+        return [Check("FaceID files", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
+                      "fix the rows above first")] if files else []
+    for p in files:
+        try:
+            if load_faceid is not None:
+                w = load_faceid(str(p))
+                variant, lora = w.variant, w.has_lora
+            else:
+                variant, lora = _faceid_container(p)
+        except Exception as e:  # noqa: BLE001 - typed FaceIDFileError, or anything a corrupt file raises
+            rows.append(Check(f"FaceID {p.name}", FAIL, _first_line(e) or type(e).__name__,
+                              f"download it again from {FACEID_DOWNLOAD} (SD1.5 files) or remove it from {p.parent}"))
+            continue
+        models.faceid[p.name] = (variant, lora)
+        needs = []
+        if variant in ("faceid", "plus", "plusv2") and not lora and not models.faceid_loras:
+            needs.append(f"its LoRA (…_sd15_lora.safetensors from {FACEID_DOWNLOAD}) in {_where(loc.get('loras'))}")
+        if variant in ("plus", "plusv2") and not models.clip_vision:
+            needs.append(f"CLIP ViT-H-14 (laion2B) image encoder in {_where(loc.get('clip_vision'))}")
+        if needs:
+            rows.append(Check(f"FaceID {p.name}", WARN, f"{variant}, valid; missing companion files",
+                              "download " + "; and ".join(needs)))
+        else:
+            rows.append(Check(f"FaceID {p.name}", OK, f"{variant}{', LoRA inside' if lora else ''}"))
+    return rows
+
+
+def _faceid_container(p: Path) -> tuple[str, bool]:
+    """Fallback check without the FaceID module: the container reads and has the two parts."""
+    import torch
+    if p.name.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+        parts = {k.split(".", 1)[0] for k in keys}
+    else:
+        data = torch.load(str(p), map_location="cpu", weights_only=True)
+        parts = set(data) if isinstance(data, dict) else set()
+        keys = [f"{a}.{b}" for a in parts for b in (data[a] if isinstance(data.get(a), dict) else {})]
+    if not {"image_proj", "ip_adapter"} <= parts:
+        raise ValueError(f"{p.name}: no 'image_proj' and 'ip_adapter' parts; not an IP-Adapter file")
+    variant = "plus" if any(".perceiver_resampler." in f".{k}" for k in keys) else "faceid"
+    return variant, any("_lora." in k for k in keys)
+
+
+def _tensor_shapes(p: Path) -> dict:
+    """``{key: shape}`` of a weights file: the safetensors header, or a tensors-only pickle (memory-mapped when the
+    file allows)."""
+    if p.name.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    import torch
+    try:
+        sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"expected a state dict, found {type(sd).__name__}")
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def openpose_layout(shapes: dict) -> str:
+    """``ldm`` / ``diffusers`` (ComfyUI's detection keys); raises ValueError naming what is wrong."""
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:
+        hint = shapes["controlnet_cond_embedding.conv_in.weight"]
+        ctx = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+        layout = "diffusers"
+    else:
+        prefix = "control_model." if "control_model.zero_convs.0.0.weight" in shapes else ""
+        if prefix + "zero_convs.0.0.weight" not in shapes:
+            raise ValueError("no ControlNet keys (neither ldm 'zero_convs.0.0.weight' nor diffusers "
+                             "'controlnet_cond_embedding.conv_in.weight')")
+        hint = shapes.get(prefix + "input_hint_block.0.weight")
+        ctx = next((s for k, s in shapes.items() if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
+        layout = "ldm"
+    if hint is None or len(hint) != 4 or hint[1] != 3:
+        raise ValueError(f"the hint input takes {hint[1] if hint and len(hint) == 4 else '?'} channels, an OpenPose "
+                         "ControlNet takes an RGB image (3)")
+    if ctx is None or ctx[1] != 768:
+        raise ValueError(f"cross-attention width {ctx[1] if ctx else '?'}; SD1.5 ControlNets have 768 (SDXL: 2048)")
+    return layout
+
+
+def check_openpose(loc: Locations, models: Models) -> list[Check]:
+    folders = loc.get("controlnet")
+    cands = [p for p in _files(folders) if "openpose" in str(p).lower()]
+    rows = []
+    for p in cands:
+        if p.parent != p and p.name.startswith("diffusion_pytorch_model") and not (p.parent / "config.json").is_file():
+            rows.append(Check(f"OpenPose {p.parent.name}/{p.name}", FAIL, "diffusers weights without config.json",
+                              f"put the model's config.json next to it in {p.parent}"))
+            continue
+        label = f"{p.parent.name}/{p.name}" if p.name.startswith("diffusion_pytorch_model") else p.name
+        try:
+            layout = openpose_layout(_tensor_shapes(p))
+        except Exception as e:  # noqa: BLE001 - unreadable container or wrong model
+            rows.append(Check(f"OpenPose {label}", FAIL, f"not a usable SD1.5 ControlNet: {_first_line(e)}",
+                              f"download {OPENPOSE_DOWNLOAD} into {_where(folders)}"))
+            continue
+        models.openpose.append(p)
+        rows.append(Check(f"OpenPose {label}", OK, f"SD1.5 ControlNet, {layout} layout"))
+    return rows
+
+
+def check_bases(loc: Locations, models: Models) -> list[Check]:
+    files = _files(loc.get("checkpoints"), (".safetensors", ".ckpt"))
+    sd15 = []
+    for p in files:
+        if not p.name.endswith(".safetensors"):
+            sd15.append(p)  # pickles are not opened here (slow, and ComfyUI reads them anyway)
+            continue
+        try:
+            from safetensors import safe_open
+            with safe_open(str(p), framework="pt") as f:
+                k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+                if k in f.keys() and f.get_slice(k).get_shape()[1] == 768:
+                    sd15.append(p)
+        except Exception:  # noqa: BLE001 - not ours to judge; ComfyUI will say
+            continue
+    models.bases = sd15
+    if sd15:
+        return [Check("SD1.5 checkpoint", OK, ", ".join(p.name for p in sd15[:3]) + (" …" if len(sd15) > 3 else ""))]
+    return [Check("SD1.5 checkpoint", FAIL, f"no SD1.5 model in {_where(loc.get('checkpoints'))}",
+                  "download an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) into "
+                  f"{_where(loc.get('checkpoints'))}")]
+
+
+def mode_rows(loc: Locations, models: Models) -> list[Check]:
+    """Which way of generating is ready; FAIL when neither is."""
+    rows = []
+    if_missing = []
+    if not models.checkpoints:
+        if_missing.append(f"an InstantFamily checkpoint in {_where(loc.get('instantfamily'))} (train + export one: "
+                          "training/train.py)")
+    else:
+        packs = {p for p in models.checkpoints.values() if p}
+        absent = sorted(p for p in packs if p not in models.packs)
+        if absent and len(absent) == len(packs):
+            if_missing.append(f"face pack {' or '.join(absent)} (what the checkpoints were trained with) in "
+                              f"{_where(loc.get('insightface'))}/models/")
+    fid_missing = []
+    usable = [n for n, (v, lora) in models.faceid.items()
+              if (lora or v == "portrait" or models.faceid_loras) and (v not in ("plus", "plusv2") or models.clip_vision)]
+    if not models.faceid:
+        fid_missing.append(f"ip-adapter-faceid_sd15.bin or ip-adapter-faceid-plusv2_sd15.bin in "
+                           f"{_where(loc.get('ipadapter'))}")
+    elif not usable:
+        fid_missing.append("the companion files of the FaceID rows above")
+    if "buffalo_l" not in models.packs:
+        fid_missing.append(f"face pack buffalo_l in {_where(loc.get('insightface'))}/models/")
+    if not models.openpose:
+        fid_missing.append(f"{OPENPOSE_DOWNLOAD} in {_where(loc.get('controlnet'))}")
+    if_ready, fid_ready = not if_missing, not fid_missing
+    rows.append(Check("mode: InstantFamily", OK if if_ready else WARN,
+                      "ready" if if_ready else "not ready", "" if if_ready else "needs " + "; ".join(if_missing)))
+    rows.append(Check("mode: public weights (FaceID)", OK if fid_ready else WARN,
+                      "ready" if fid_ready else "not ready", "" if fid_ready else "needs " + "; ".join(fid_missing)))
+    if not (if_ready or fid_ready):
+        rows.append(Check("ready to generate", FAIL, "neither mode has all its files",
+                          "complete one of the two mode rows above"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_checks(loc: Locations, tried: Iterable[str] = (), importer=importlib.import_module, version_of=None,
+               progress: Optional[Callable[[str], None]] = None) -> list[Check]:
+    """Every check, in order. ``importer`` / ``version_of`` are ``importlib.import_module`` /
+    ``importlib.metadata.version`` unless replaced (tests simulate broken installs with them)."""
+    steps = [
+        ("ComfyUI", lambda: [check_comfyui(loc, tried)]),
+        ("torch", lambda: [check_torch(importer)]),
+        ("onnxruntime", lambda: check_onnxruntime(importer, version_of)),
+        ("insightface", lambda: [check_insightface(importer)]),
+    ]
+    models = Models()
+    if loc.comfyui is not None or loc.folders:
+        steps += [
+            ("face packs", lambda: check_face_packs(loc, models)),
+            ("checkpoints", lambda: check_checkpoints(loc, models)),
+            ("FaceID", lambda: check_faceid(loc, models)),
+            ("OpenPose ControlNet", lambda: check_openpose(loc, models)),
+            ("SD1.5", lambda: check_bases(loc, models)),
+            ("modes", lambda: mode_rows(loc, models)),
+        ]
+    rows: list[Check] = []
+    for name, step in steps:
+        if progress:
+            progress(name)
+        try:
+            rows += step()
+        except Exception as e:  # noqa: BLE001 - a doctor must finish its report
+            rows.append(Check(name, FAIL, f"the check itself failed: {type(e).__name__}: {_first_line(e)}",
+                              "please report this with the output of the doctor"))
+    return rows
+
+
+def exit_code(rows: Iterable[Check]) -> int:
+    return 1 if any(r.status == FAIL for r in rows) else 0
+
+
+def format_report(rows: list[Check], width: int = 110) -> str:
+    """A plain-text table (check | status | found), each fix on its own line under its row, and a verdict."""
+    import textwrap
+    name_w = min(max((len(r.name) for r in rows), default=5), 40)
+    head = f"{'check':<{name_w}}  {'status':<6}  found"
+    lines = ["InstantFamily doctor", "", head, "-" * min(width, max(len(head), 60))]
+    indent = " " * (name_w + 10)
+    for r in rows:
+        detail = textwrap.wrap(r.detail, max(30, width - name_w - 10), break_on_hyphens=False,
+                               break_long_words=False) or [""]
+        lines.append(f"{r.name[:name_w]:<{name_w}}  {r.status:<6}  {detail[0]}")
+        lines += [indent + d for d in detail[1:]]
+        if r.fix:
+            fix = textwrap.wrap("fix: " + r.fix, max(30, width - name_w - 10), break_on_hyphens=False,
+                                break_long_words=False)
+            lines += [indent + f for f in fix]
+    failed = [r.name for r in rows if r.status == FAIL]
+    lines += ["", f"{len(failed)} problem(s) to fix: {', '.join(failed)}" if failed else
+              "everything needed is there"]
+    return "\n".join(lines)
+
+
+def main_report(loc: Locations, tried: Iterable[str] = (), **kw) -> tuple[str, int]:
+    rows = run_checks(loc, tried, **kw)
+    return format_report(rows), exit_code(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - use tools/doctor.py
+    sys.exit("run: python tools/doctor.py")

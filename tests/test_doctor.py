@@ -1,0 +1,307 @@
+"""The installation doctor (``instantfamily_core/doctor.py``, ``tools/doctor.py``, the *InstantFamily Doctor* node)
+on installs built in the test: a good one (exit 0) and broken ones — a pack nested one folder too deep, a pack
+without its recognizer, a pack outside ``models/``, a corrupt checkpoint, a corrupt FaceID file, an SDXL ControlNet,
+both onnxruntime distributions (a real second ``dist-info`` on ``sys.path``), insightface failing with numpy's ABI
+error (a real import that raises it), torch failing to import, nothing to generate with (exit 1, the fix named).
+
+Model files are generated: the tiny ONNX face packs, an InstantFamily checkpoint with a ControlNet built by
+ComfyUI's own class, an OpenPose-named ControlNet of ComfyUI's class (ComfyUI's loader reads it too), a FaceID
+Portrait file in the published key layout, and an SD1.5 checkpoint header by the published key names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+SD15_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _write_openpose(path: Path, context_dim: int = 768, channels: int = 320):
+    """A ControlNet of ComfyUI's own class, saved fp16 in the ldm layout of control_v11p_sd15_openpose. Two levels
+    and one res block each, but SD1.5's 320 channels: ComfyUI's loader recognises SD1.5 by them."""
+    from safetensors.torch import save_file
+
+    from support.comfy_models import TINY_UNET, randomise
+    import comfy.cldm.cldm
+    import comfy.ops
+    cfg = {k: v for k, v in TINY_UNET.items() if k != "out_channels"}
+    cfg.update(hint_channels=3, num_heads=8, num_head_channels=-1, context_dim=context_dim, model_channels=channels)
+    cn = randomise(comfy.cldm.cldm.ControlNet(**cfg, operations=comfy.ops.disable_weight_init), 3)
+    save_file({f"control_model.{k}": v.half().contiguous() for k, v in cn.state_dict().items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def host():
+    from support.comfy_host import import_host, load_pack
+    nodes = import_host()
+    pack = load_pack()
+    return nodes, pack
+
+
+@pytest.fixture(scope="module")
+def good(host, tmp_path_factory):
+    """A ComfyUI folder (the real host's code, linked) whose models/ holds everything both modes need."""
+    from safetensors.torch import save_file
+
+    from support.comfy_models import write_tiny_checkpoint
+    from support.face_models import make_tiny_pack
+    from support.faceid_files import faceid_parts, write_bin
+    real = find_comfyui()
+    root = tmp_path_factory.mktemp("doctor") / "ComfyUI"
+    root.mkdir()
+    for name in ("main.py", "comfy", "folder_paths.py", "comfyui_version.py"):
+        (root / name).symlink_to(real / name)
+    m = root / "models"
+    make_tiny_pack(m / "insightface", "tinypack")
+    make_tiny_pack(m / "insightface", "buffalo_l")
+    (m / "instantfamily").mkdir(parents=True)
+    write_tiny_checkpoint(m / "instantfamily" / "instantfamily_tiny.safetensors")
+    (m / "controlnet").mkdir()
+    _write_openpose(m / "controlnet" / "control_v11p_sd15_openpose_tiny.safetensors")
+    (m / "ipadapter").mkdir()
+    write_bin(m / "ipadapter" / "ip-adapter-faceid-portrait-v11_sd15.bin", faceid_parts("portrait"))
+    (m / "checkpoints").mkdir()
+    save_file({SD15_KEY: torch.zeros(320, 768)}, str(m / "checkpoints" / "v1-5-tiny.safetensors"))
+    return root
+
+
+def _doctor():
+    from instantfamily_core import doctor
+    return doctor
+
+
+def _rows(rows, prefix):
+    return [r for r in rows if r.name.startswith(prefix)]
+
+
+def _cli(args, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import doctor as cli
+    finally:
+        sys.path.pop(0)
+    rc = cli.main(args)
+    return rc, capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_good_install_exits_0_and_both_modes_are_ready(good, capsys):
+    rc, out = _cli(["--comfyui", str(good), "--quiet"], capsys)
+    assert rc == 0, out
+    assert "everything needed is there" in out
+    rc, out = _cli(["--comfyui", str(good), "--quiet", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert rows["ComfyUI"]["status"] == "ok" and "0.3.64" in rows["ComfyUI"]["detail"]
+    assert rows["face pack tinypack"]["status"] == rows["face pack buffalo_l"]["status"] == "ok"
+    assert rows["checkpoint instantfamily_tiny.safetensors"]["status"] == "ok"
+    assert "face pack tinypack" in rows["checkpoint instantfamily_tiny.safetensors"]["detail"]
+    assert rows["FaceID ip-adapter-faceid-portrait-v11_sd15.bin"]["status"] == "ok"
+    assert "portrait" in rows["FaceID ip-adapter-faceid-portrait-v11_sd15.bin"]["detail"]
+    assert rows["OpenPose control_v11p_sd15_openpose_tiny.safetensors"]["detail"] == "SD1.5 ControlNet, ldm layout"
+    assert rows["mode: InstantFamily"]["status"] == rows["mode: public weights (FaceID)"]["status"] == "ok"
+    assert all(r["status"] != "FAIL" for r in rows.values())
+
+
+def test_openpose_row_agrees_with_comfyuis_loader(good, tmp_path):
+    """What the doctor accepts ComfyUI's ControlNet loader loads; an SDXL-width one it refuses, naming why."""
+    import comfy.controlnet
+    d = _doctor()
+    ok = good / "models" / "controlnet" / "control_v11p_sd15_openpose_tiny.safetensors"
+    assert comfy.controlnet.load_controlnet(str(ok)) is not None
+    _write_openpose(tmp_path / "openpose_sdxl.safetensors", context_dim=2048, channels=32)
+    loc = d.Locations(good, "0.3.64", {"controlnet": [str(tmp_path)]})
+    (row,) = d.check_openpose(loc, d.Models())
+    assert row.status == d.FAIL and "2048" in row.detail and "control_v11p_sd15_openpose" in row.fix
+    # a diffusers-layout folder without its config.json
+    folder = tmp_path / "d" / "control_v11p_sd15_openpose"
+    folder.mkdir(parents=True)
+    shutil.copy(ok, folder / "diffusion_pytorch_model.safetensors")
+    (row,) = d.check_openpose(d.Locations(good, "0.3.64", {"controlnet": [str(tmp_path / "d")]}), d.Models())
+    assert row.status == d.FAIL and "config.json" in row.fix
+
+
+def _pack_files(folder: Path, recognizer: bool = True) -> Path:
+    from support.face_models import DET_FILE, REC_FILE, write_tiny_detector, write_tiny_recognizer
+    write_tiny_detector(folder / DET_FILE)
+    if recognizer:
+        write_tiny_recognizer(folder / REC_FILE)
+    return folder
+
+
+def _broken_face_root(tmp_path, kind):
+    root = tmp_path / "insightface"
+    if kind == "nested":  # the zip unpacked into its own folder: models/antelopev2/antelopev2/*.onnx
+        inner = _pack_files(root / "models" / "antelopev2" / "antelopev2")
+        return root, "face pack antelopev2", "nested one folder too deep", f"from {inner}"
+    if kind == "no recognizer":
+        _pack_files(root / "models" / "buffalo_l", recognizer=False)
+        return root, "face pack buffalo_l", "missing or broken files", "no ArcFace recognizer"
+    if kind == "outside models":  # unzipped into models/insightface/ instead of models/insightface/models/
+        _pack_files(root / "antelopev2")
+        return root, "face pack antelopev2", "is outside", str(root / "models" / "antelopev2")
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nested", "no recognizer", "outside models"])
+def test_broken_face_packs(good, tmp_path, capsys, kind):
+    """A second insightface folder (extra_model_paths.yaml) with a broken pack: the CLI exits 1 and says how to fix."""
+    root, row_name, detail, fix = _broken_face_root(tmp_path, kind)
+    comfy = tmp_path / "ComfyUI"
+    shutil.copytree(good, comfy, symlinks=True)
+    (comfy / "extra_model_paths.yaml").write_text(f"mine:\n  base_path: {tmp_path}\n  insightface: insightface\n")
+    rc, out = _cli(["--comfyui", str(comfy), "--quiet", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert rc == 1
+    assert rows[row_name]["status"] == "FAIL" and detail in rows[row_name]["detail"] + rows[row_name]["fix"]
+    assert fix in rows[row_name]["fix"]
+    assert rows["face pack tinypack"]["status"] == "ok"  # the good folder is still checked
+
+
+def test_corrupt_and_inconsistent_checkpoints(good, tmp_path):
+    from instantfamily_core.checkpoint import CheckpointMeta, save_checkpoint
+    from instantfamily_core.projector import IdentityProjector
+    from support.comfy_models import TINY_PROJECTOR, tiny_controlnet_ldm
+    d = _doctor()
+    folder = tmp_path / "instantfamily"
+    folder.mkdir()
+    (folder / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    sd, cfg = tiny_controlnet_ldm()
+    save_checkpoint(str(folder / "says_diffusers.safetensors"), IdentityProjector(TINY_PROJECTOR), sd,
+                    CheckpointMeta(face_pack="tinypack", projector=TINY_PROJECTOR, controlnet_layout="diffusers"))
+    (folder / "identities").mkdir()
+    (folder / "identities" / "family.safetensors").write_bytes(b"not a checkpoint, and not checked as one")
+    rows = d.check_checkpoints(d.Locations(good, "0.3.64", {"instantfamily": [str(folder)]}), d.Models())
+    by = {r.name: r for r in rows}
+    assert set(by) == {"checkpoint truncated.safetensors", "checkpoint says_diffusers.safetensors"}
+    assert by["checkpoint truncated.safetensors"].status == d.FAIL
+    assert "not a readable .safetensors" in by["checkpoint truncated.safetensors"].detail
+    assert "training/export.py" in by["checkpoint truncated.safetensors"].fix
+    assert by["checkpoint says_diffusers.safetensors"].status == d.FAIL
+    assert "controlnet_cond_embedding.conv_in.weight" in by["checkpoint says_diffusers.safetensors"].detail
+
+
+def test_faceid_files(good, tmp_path):
+    from support.faceid_files import faceid_parts, write_bin
+    d = _doctor()
+    folder = tmp_path / "ipadapter"
+    folder.mkdir()
+    (folder / "ip-adapter-faceid_sd15.bin").write_bytes(b"PK\x03\x04 truncated download")
+    write_bin(folder / "ip-adapter-faceid-plusv2_sd15.bin", faceid_parts("plus"))
+    write_bin(folder / "ip-adapter-faceid_sdxl.bin", faceid_parts("sdxl"))
+    models = d.Models()
+    rows = {r.name: r for r in d.check_faceid(d.Locations(good, "0.3.64", {"ipadapter": [str(folder)],
+                                                                          "clip_vision": [str(tmp_path / "none")]}),
+                                              models)}
+    assert rows["FaceID ip-adapter-faceid_sd15.bin"].status == d.FAIL
+    assert "huggingface.co/h94/IP-Adapter-FaceID" in rows["FaceID ip-adapter-faceid_sd15.bin"].fix
+    sdxl = rows["FaceID ip-adapter-faceid_sdxl.bin"]
+    assert sdxl.status == d.FAIL and "2048" in sdxl.detail
+    plus = rows["FaceID ip-adapter-faceid-plusv2_sd15.bin"]  # valid, but Plus needs CLIP ViT-H
+    assert plus.status == d.WARN and "plusv2" in plus.detail and "CLIP ViT-H" in plus.fix
+    assert models.faceid == {"ip-adapter-faceid-plusv2_sd15.bin": ("plusv2", True)}
+
+
+def test_two_onnxruntime_distributions(tmp_path, monkeypatch):
+    """A second onnxruntime distribution really installed (its dist-info on sys.path), as pip leaves it after
+    `pip install onnxruntime-gpu` on top of onnxruntime."""
+    d = _doctor()
+    info = tmp_path / "site" / "onnxruntime_gpu-1.20.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.1\n")
+    before = d.check_onnxruntime()
+    assert before[0].status == d.OK and "onnxruntime-gpu" not in before[0].detail
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    rows = d.check_onnxruntime()
+    assert rows[0].status == d.FAIL and "onnxruntime-gpu 1.20.1" in rows[0].detail
+    assert rows[0].fix == "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+    assert d.exit_code(rows) == 1
+
+
+def test_onnxruntime_missing():
+    from importlib import metadata
+    d = _doctor()
+
+    def none_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    def no_import(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    rows = d.check_onnxruntime(importer=no_import, version_of=none_installed)
+    assert [(r.status, r.detail) for r in rows] == [(d.FAIL, "not installed")]
+    assert "pip install onnxruntime" in rows[0].fix
+
+
+def test_insightface_numpy_abi_error(tmp_path, monkeypatch):
+    """insightface whose import raises numpy's ABI error (as a 0.7.3 build for numpy 1.x does under numpy 2)."""
+    d = _doctor()
+    fake = tmp_path / "site" / "insightface"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ValueError('numpy.dtype size changed, may indicate binary "
+                                      "incompatibility. Expected 96 from C header, got 88 from PyObject')\n")
+    for name in [m for m in sys.modules if m == "insightface" or m.startswith("insightface.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    row = d.check_insightface()
+    assert row.status == d.FAIL and "numpy ABI mismatch" in row.detail and "numpy.dtype size changed" in row.detail
+    assert 'pip install -U "insightface>=1.0"' in row.fix
+
+
+def test_torch_that_does_not_import():
+    d = _doctor()
+
+    def importer(name):
+        if name == "torch":
+            raise OSError("libtorch_cuda.so: cannot open shared object file")
+        return __import__(name)
+
+    row = d.check_torch(importer)
+    assert row.status == d.FAIL and "libtorch_cuda.so" in row.detail and "never installs torch" in row.fix
+
+
+def test_nothing_to_generate_with(good, tmp_path, capsys):
+    comfy = tmp_path / "ComfyUI"
+    shutil.copytree(good, comfy, symlinks=True)
+    shutil.rmtree(comfy / "models" / "instantfamily")
+    shutil.rmtree(comfy / "models" / "ipadapter")
+    rc, out = _cli(["--comfyui", str(comfy), "--quiet"], capsys)
+    assert rc == 1
+    assert "ready to generate" in out and "neither mode has all its files" in out
+    assert "InstantFamily checkpoint in" in out and "ip-adapter-faceid_sd15.bin" in out
+    rc, out = _cli(["--comfyui", str(tmp_path / "nowhere"), "--quiet"], capsys)
+    assert rc == 1 and "ComfyUI" in out and "not found" in out
+
+
+def test_node_shows_the_report_in_comfyui(host, good, tmp_path):
+    """In the real host: the node registered under its name, its report covering the folders ComfyUI uses (a broken
+    pack added through folder_paths), the same rows the CLI gives for those folders, and 'ready' False."""
+    import folder_paths
+    nodes, pack = host
+    cls = nodes.NODE_CLASS_MAPPINGS["InstantFamilyDoctor"]
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["InstantFamilyDoctor"].startswith("InstantFamily Doctor")
+    root, row_name, _, fix = _broken_face_root(tmp_path, "nested")
+    folder_paths.add_model_folder_path("insightface", str(root))
+    try:
+        out = cls().run()
+    finally:
+        folder_paths.folder_names_and_paths["insightface"][0].remove(str(root))
+    report, ready = out["result"]
+    assert out["ui"]["text"] == (report,)
+    assert ready is False
+    assert "ComfyUI" in report and "0.3.64" in report.splitlines()[4]
+    assert row_name in report and "nested one folder too deep" in report
+    d = _doctor()
+    cli_rows = d.check_face_packs(d.Locations(None, None, {"insightface": [str(root)]}), d.Models())
+    flat = " ".join(report.split())
+    assert cli_rows and all(" ".join(f"{r.name} {r.status} {r.detail} fix: {r.fix}".split()) in flat
+                            for r in cli_rows)
