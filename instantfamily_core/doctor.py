@@ -552,15 +552,21 @@ def mode_rows(loc: Locations, models: Models) -> list[Check]:
                            f"{_where(loc.get('ipadapter'))}")
     elif not usable:
         fid_missing.append("the companion files of the FaceID rows above")
-    if "buffalo_l" not in models.packs:
+    fid_note = ""
+    if not models.packs:
         fid_missing.append(f"face pack buffalo_l in {_where(loc.get('insightface'))}/models/")
+    elif "buffalo_l" not in models.packs:  # works, but FaceID was trained on buffalo_l's embeddings
+        fid_note = (f"with face pack {sorted(models.packs)[0]}; FaceID was trained with buffalo_l: put buffalo_l in "
+                    f"{_where(loc.get('insightface'))}/models/ for the identities it knows")
     if not models.openpose:
         fid_missing.append(f"{OPENPOSE_DOWNLOAD} in {_where(loc.get('controlnet'))}")
     if_ready, fid_ready = not if_missing, not fid_missing
     rows.append(Check("mode: InstantFamily", OK if if_ready else WARN,
                       "ready" if if_ready else "not ready", "" if if_ready else "needs " + "; ".join(if_missing)))
-    rows.append(Check("mode: public weights (FaceID)", OK if fid_ready else WARN,
-                      "ready" if fid_ready else "not ready", "" if fid_ready else "needs " + "; ".join(fid_missing)))
+    if fid_ready:
+        rows.append(Check("mode: public weights (FaceID)", WARN if fid_note else OK, "ready", fid_note))
+    else:
+        rows.append(Check("mode: public weights (FaceID)", WARN, "not ready", "needs " + "; ".join(fid_missing)))
     if not (if_ready or fid_ready):
         rows.append(Check("ready to generate", FAIL, "neither mode has all its files",
                           "complete one of the two mode rows above"))

@@ -278,6 +278,12 @@ def test_nothing_to_generate_with(good, tmp_path, capsys):
     assert rc == 1
     assert "ready to generate" in out and "neither mode has all its files" in out
     assert "InstantFamily checkpoint in" in out and "ip-adapter-faceid_sd15.bin" in out
+    # FaceID with another pack than buffalo_l: ready, with the advice to add buffalo_l
+    shutil.copytree(good / "models" / "ipadapter", comfy / "models" / "ipadapter")
+    shutil.rmtree(comfy / "models" / "insightface" / "models" / "buffalo_l")
+    rc, out = _cli(["--comfyui", str(comfy), "--quiet", "--json"], capsys)
+    row = next(r for r in json.loads(out)["rows"] if r["name"] == "mode: public weights (FaceID)")
+    assert rc == 0 and row["status"] == "warn" and row["detail"] == "ready" and "buffalo_l" in row["fix"]
     rc, out = _cli(["--comfyui", str(tmp_path / "nowhere"), "--quiet"], capsys)
     assert rc == 1 and "ComfyUI" in out and "not found" in out
 
