@@ -34,6 +34,8 @@ SCHEMA_VERSION = 1
 BASE_MODEL = "sd15"
 CONTROLNET_LAYOUTS = ("diffusers", "ldm")
 SLOT_PALETTE_VERSION = "v1"
+PROJECTOR_LIMITS = {"global_dim": 8192, "local_dim": 8192, "grid": 64, "token_dim": 8192, "hidden_dim": 16384}
+"""Upper bounds of the projector sizes a checkpoint may declare (a bad header never allocates gigabytes)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,16 @@ def _parse_meta(md: dict, name: str) -> CheckpointMeta:
         pc = ProjectorConfig(**json.loads(md["projector_config"]))
         cn_cfg = json.loads(md["controlnet_config"]) if "controlnet_config" in md else None
         max_ids = int(md.get("max_identities", "4"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{name}: malformed metadata ({e})") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name}: malformed metadata ({type(e).__name__}: {e})") from None
+    for fld, top in PROJECTOR_LIMITS.items():
+        v = getattr(pc, fld)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise CheckpointError(f"{name}: projector_config.{fld} must be an integer in 1…{top}, got {v!r}")
+    if cn_cfg is not None and not isinstance(cn_cfg, dict):
+        raise CheckpointError(f"{name}: controlnet_config must be a JSON object, got {type(cn_cfg).__name__}")
+    if not 1 <= max_ids <= 64:
+        raise CheckpointError(f"{name}: max_identities must be between 1 and 64, got {max_ids}")
     mode, layout = md.get("mask_mode", "additive"), md.get("controlnet_layout")
     if mode not in MODES:
         raise CheckpointError(f"{name}: mask_mode {mode!r} unknown; expected one of {MODES}")

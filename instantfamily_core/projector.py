@@ -83,6 +83,14 @@ class IdentityProjector(nn.Module):
         p = next(self.parameters())
         if not identities:
             return p.new_zeros((0, self.tokens_per_identity, self.config.token_dim))
+        c = self.config
+        for i in identities:
+            if tuple(i.global_embedding.shape) != (c.global_dim,) or tuple(i.local_map.shape) != (
+                    c.local_dim, c.grid, c.grid):
+                raise EmbeddingError(f"{i.name}: features {tuple(i.global_embedding.shape)} + "
+                                     f"{tuple(i.local_map.shape)} do not fit this checkpoint's projector (expects "
+                                     f"({c.global_dim},) + ({c.local_dim}, {c.grid}, {c.grid})); encode the identity "
+                                     "with the face pack the checkpoint was trained with")
         g = torch.stack([i.global_embedding for i in identities]).to(p.device, p.dtype)
         loc = torch.stack([i.local_map for i in identities]).to(p.device, p.dtype)
         return self.forward(g, loc)

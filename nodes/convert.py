@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -33,6 +35,10 @@ def parse_weights(text: str, count: int, name: str = "identity_weights") -> list
         values = [float(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise InstantFamilyError(f"{name}: expected comma-separated numbers like '1.0, 0.8', got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise InstantFamilyError(f"{name}: weights must be finite numbers ≥ 0 (0 turns an identity off), got "
+                                 f"{bad[0]!r} in {text!r}")
     if len(values) != count:
         raise InstantFamilyError(f"{name}: {len(values)} weights for {count} identities; give one per identity "
                                  "or leave empty for all 1.0")
