@@ -293,6 +293,11 @@ def _box_from_body(b: np.ndarray) -> Optional[tuple[float, float, float, float]]
     return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
+def _on_canvas(box) -> bool:
+    x1, y1, x2, y2 = box
+    return x2 > x1 and y2 > y1
+
+
 def expand_box(box, margin: float, width: int, height: int) -> tuple[float, float, float, float]:
     """Scale a box about its centre by ``1 + margin`` (0.25 → 25 % larger per side length), clipped to the canvas."""
     x1, y1, x2, y2 = box
@@ -350,16 +355,26 @@ def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence
     if any(not 0 <= n < num_identities for n in empty):
         raise IdentityCountError(f"empty slots {sorted(empty)}: out of range for {num_identities} identities")
     boxes = [face_box(p) for p in frame.people]
+    off_canvas = [i for i, b in enumerate(boxes) if b is not None and not _on_canvas(
+        expand_box(b, margin, frame.width, frame.height))]
+    if off_canvas and order:
+        bad = [i for i in order if i is not None and i in off_canvas]
+        if bad:
+            raise FaceKeypointsError(f"{name}: the face of person {bad[0]} lies outside the {frame.width}×"
+                                     f"{frame.height} canvas; it cannot hold an identity (its mask would be empty)")
+    for i in off_canvas:  # a face that is not on the canvas cannot hold an identity
+        boxes[i] = None
     located = [i for i, b in enumerate(boxes) if b is not None]
     if order is None or len(order) == 0:
         if num_identities > len(frame.people):
             raise IdentityCountError(f"{name}: {num_identities} identities but the pose has only "
                                      f"{len(frame.people)} people; add people to the pose or remove identities")
         if num_identities > len(located):
-            missing = [i for i, b in enumerate(boxes) if b is None]
+            missing = [i for i, b in enumerate(boxes) if b is None and i not in off_canvas]
+            outside = f"; persons {off_canvas} have their face outside the canvas" if off_canvas else ""
             raise FaceKeypointsError(f"{name}: {num_identities} identities but only {len(located)} of "
                                      f"{len(frame.people)} people have usable face keypoints (persons {missing} "
-                                     "have no nose, eyes, ears or face points)")
+                                     f"have no nose, eyes, ears or face points{outside})")
         by_x = sorted(located, key=lambda i: ((boxes[i][0] + boxes[i][2]) / 2, (boxes[i][1] + boxes[i][3]) / 2))
         chosen: list[Optional[int]] = list(by_x[:num_identities])
     else:

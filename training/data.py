@@ -116,7 +116,15 @@ def read_shard_metadata(path: Path) -> dict:
     if md.get("format") != SHARD_FORMAT or md.get("version") != str(FORMAT_VERSION):
         raise DatasetError(f"{path.name}: not an InstantFamily shard of version {FORMAT_VERSION} "
                            f"(format {md.get('format')!r}, version {md.get('version')!r})")
-    return {k: json.loads(md[k]) for k in ("samples", "skipped", "inputs", "info")}
+    try:
+        out = {k: json.loads(md[k]) for k in ("samples", "skipped", "inputs", "info")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path.name}: shard metadata is incomplete or not JSON ({type(e).__name__}: {e}); "
+                           "delete it and run prepare.py again") from None
+    if not isinstance(out["samples"], list) or not all(isinstance(r, dict) for r in out["samples"]):
+        raise DatasetError(f"{path.name}: shard metadata 'samples' must be a list of records; delete it and run "
+                           "prepare.py again")
+    return out
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -125,10 +133,25 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise DatasetError(f"dataset: no {MANIFEST} at {path}; run training/prepare.py first")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the manifest ({e})") from None
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("version") != FORMAT_VERSION):
         raise DatasetError(f"{path}: not an InstantFamily shard manifest of version {FORMAT_VERSION}")
+    info, shards = manifest.get("info"), manifest.get("shards")
+    if not isinstance(info, dict):
+        raise DatasetError(f"{path}: 'info' must be an object with resolution, global_dim, local_dim and grid")
+    for key in ("resolution", "global_dim", "local_dim", "grid"):
+        v = info.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DatasetError(f"{path}: info.{key} must be a positive integer, got {v!r}")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"]
+            and os.path.basename(s["file"]) == s["file"] for s in shards):
+        raise DatasetError(f"{path}: 'shards' must be a list of {{\"file\": \"shard-NNNNN.safetensors\", ...}} "
+                           "entries (file names inside the dataset folder)")
     manifest["_folder"] = str(path.parent)
     return manifest
 

@@ -20,6 +20,7 @@ Relative paths resolve against the cases file's folder (generated images: agains
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,7 +60,12 @@ class Slots:
             return [tuple(b) for b in slots.mask_boxes]
         sx, sy = (width, height) if self.relative else (
             (width / self.canvas[0], height / self.canvas[1]) if self.canvas else (1.0, 1.0))
-        return [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in self.boxes]
+        boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in self.boxes]
+        for k, (x1, y1, x2, y2) in enumerate(boxes):
+            if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+                raise CasesFileError(f"{self.source or 'slots'}: slots.boxes[{k}] {self.boxes[k]} lies outside the "
+                                     f"{width}×{height} image; identity {k} would act nowhere")
+        return boxes
 
 
 @dataclass
@@ -89,16 +95,24 @@ def _parse_slots(raw: dict, cid: str, n_ids: int, base: str) -> tuple[Slots, int
             from instantfamily_core.pose import face_box, parse_pose
         except ImportError as e:  # optional dependency
             raise _err(cid, "slots.pose", f"pose support needs instantfamily_core.pose ({e}); give 'boxes'") from e
-        path = _resolve(str(raw["pose"]), base)
+        if not isinstance(raw["pose"], str) or not raw["pose"]:
+            raise _err(cid, "slots.pose", f"expected the path of a POSE_KEYPOINT .json file, got {raw['pose']!r}")
+        path = _resolve(raw["pose"], base)
+        frame_index = raw.get("frame", 0)
+        if isinstance(frame_index, bool) or not isinstance(frame_index, int) or frame_index < 0:
+            raise _err(cid, "slots.frame", f"expected a non-negative frame index, got {frame_index!r}")
+        margin = raw.get("margin", 0.25)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 10:
+            raise _err(cid, "slots.margin", f"expected a fraction between 0 and 10 (0.25 = 25 %), got {margin!r}")
         try:
             with open(path, encoding="utf-8") as f:
-                frame = parse_pose(f.read(), int(raw.get("frame", 0)), name=f"case {cid!r} pose {path}")
-        except OSError as e:
+                frame = parse_pose(f.read(), frame_index, name=f"case {cid!r} pose {path}")
+        except (OSError, UnicodeDecodeError) as e:
             raise _err(cid, "slots.pose", f"cannot read {path}: {e}") from None
         order = raw.get("identity_order")
         if order is not None and (not isinstance(order, list) or not all(isinstance(i, int) for i in order)):
             raise _err(cid, "slots.identity_order", "expected a list of person indices, e.g. [1, 0]")
-        slots = Slots(pose=frame, identity_order=order, margin=float(raw.get("margin", 0.25)), source=path)
+        slots = Slots(pose=frame, identity_order=order, margin=float(margin), source=path)
         slots.boxes_for(frame.width, frame.height, n_ids)  # validate now (typed PoseError / IdentityCountError)
         return slots, sum(face_box(p) is not None for p in frame.people)
     boxes = raw.get("boxes")
@@ -106,6 +120,8 @@ def _parse_slots(raw: dict, cid: str, n_ids: int, base: str) -> tuple[Slots, int
             or not all(isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
                        for b in boxes)):
         raise _err(cid, "slots.boxes", f"expected {n_ids} boxes [x1, y1, x2, y2] (one per identity), got {boxes!r}")
+    if not all(math.isfinite(v) for b in boxes for v in b):
+        raise _err(cid, "slots.boxes", f"box coordinates must be finite numbers, got {boxes!r}")
     if any(b[2] <= b[0] or b[3] <= b[1] for b in boxes):
         raise _err(cid, "slots.boxes", f"every box needs x2 > x1 and y2 > y1, got {boxes!r}")
     units = raw.get("units", "px")
@@ -116,7 +132,7 @@ def _parse_slots(raw: dict, cid: str, n_ids: int, base: str) -> tuple[Slots, int
             isinstance(v, int) and v > 0 for v in canvas)):
         raise _err(cid, "slots.canvas", f"expected [width, height] in pixels, got {canvas!r}")
     return Slots(boxes=[[float(v) for v in b] for b in boxes], relative=units == "relative",
-                 canvas=tuple(canvas) if canvas else None), None
+                 canvas=tuple(canvas) if canvas else None, source=f"case {cid!r}"), None
 
 
 def parse_case(raw: Any, index: int, base: str) -> Case:
@@ -163,7 +179,7 @@ def load_cases(path: str) -> list[Case]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise CasesFileError(f"cannot read cases file {path!r}: {e}") from None
     base = os.path.dirname(os.path.abspath(path))
     try:
