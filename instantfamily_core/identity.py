@@ -140,7 +140,9 @@ def load_identities(path: str) -> list[IdentityFeatures | SkippedIdentity]:
                     IdentityFeatures(f.get_tensor(f"identity.{i}.global"), f.get_tensor(f"identity.{i}.local"),
                                      name=d["name"], num_images=int(d["num_images"]), face_pack=d["face_pack"])
                     for i, d in enumerate(info)]
-    except EmbeddingError:
-        raise
+    except EmbeddingError as e:
+        if str(e).startswith(name):
+            raise
+        raise EmbeddingError(f"{name}: {e}") from None
     except Exception as e:  # missing file, corrupt header, missing tensor
         raise EmbeddingError(f"{name}: cannot read identities ({type(e).__name__}: {e})") from None
