@@ -143,7 +143,14 @@ def make_controlnet(unet):
     from diffusers import ControlNetModel
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
     install_processors(cn)
-    return cn.to(torch.float32)  # trained weights are fp32 (call this before casting the frozen UNet)
+    return as_fp32(cn)  # trained weights are fp32 (call this before casting the frozen UNet)
+
+
+def as_fp32(module: nn.Module) -> nn.Module:
+    """``module`` with every floating-point tensor in fp32 (left as it is when it already is)."""
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.state_dict().values()):
+        module.to(torch.float32)
+    return module
 
 
 def load_controlnet_init(path, unet):
@@ -171,7 +178,7 @@ def load_controlnet_init(path, unet):
         if not (p / "config.json").is_file():
             raise ModelFileError(f"{name}: a folder must be a diffusers ControlNet (config.json + "
                                  "diffusion_pytorch_model.safetensors)")
-        variant = sd15.weights_variant(p)
+        variant = sd15.weights_variant(p, "--controlnet-init")
         weights = [f for f in p.iterdir() if f.name.startswith("diffusion_pytorch_model") and
                    f.name.split(".")[-1] in ("safetensors", "bin") and
                    (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]

@@ -262,11 +262,22 @@ def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
     bad = [f"{k} {tuple(sd[k].shape)} ≠ {tuple(v.shape)}" for k, v in persistent.items() if sd[k].shape != v.shape]
     if bad:
         raise ModelFileError(f"{name}: {len(bad)} {what} tensors have the wrong shape for SD1.5 ({bad[:3]})")
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
+    # convert one tensor at a time, dropping the stored one as we go: peak memory ≈ the model in ``dtype``
+    # (callers hand over the only references, see load_single_file)
+    converted = {}
+    for k in list(sd):
+        v = sd.pop(k)
+        converted[k] = v.to(dtype) if v.is_floating_point() else v
+        del v
+    model.load_state_dict(converted, strict=False, assign=True)
     if dtype != torch.float32:
         model.to(dtype)
     return model
+
+
+def _drop(sd: dict, prefix: str) -> None:
+    for k in [k for k in sd if k.startswith(prefix)]:
+        del sd[k]
 
 
 def _empty(cls_or_fn):
@@ -289,26 +300,28 @@ def load_single_file(path: Path, config_dir: Path = CONFIG_DIR, tokenizer=None,
     unet_cfg = UNet2DConditionModel.load_config(str(config_dir / "unet"))
     vae_cfg = AutoencoderKL.load_config(str(config_dir / "vae"))
     text_cfg = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder"), local_files_only=True)
+    # each part's tensors leave ``sd`` before they are converted, so that the stored copies are freed one by one
     text = _empty(lambda: CLIPTextModel(text_cfg))
-    text = _load_into(text, text_encoder_state(sd, list(text.state_dict())), "text encoder", path.name, dtype)
-    for k in [k for k in sd if k.startswith(TEXT_PREFIX)]:
-        del sd[k]
-    vae = _load_into(_empty(lambda: AutoencoderKL.from_config(vae_cfg)), convert_ldm_vae_checkpoint(sd, vae_cfg),
-                     "VAE", path.name, dtype)
-    for k in [k for k in sd if k.startswith(VAE_PREFIX)]:
-        del sd[k]
-    unet = _load_into(_empty(lambda: UNet2DConditionModel.from_config(unet_cfg)),
-                      convert_ldm_unet_checkpoint(sd, unet_cfg), "UNet", path.name, dtype)
-    del sd
+    part = text_encoder_state(sd, list(text.state_dict()))
+    _drop(sd, TEXT_PREFIX)
+    text = _load_into(text, part, "text encoder", path.name, dtype)
+    part = convert_ldm_vae_checkpoint(sd, vae_cfg)
+    _drop(sd, VAE_PREFIX)
+    vae = _load_into(_empty(lambda: AutoencoderKL.from_config(vae_cfg)), part, "VAE", path.name, dtype)
+    part = convert_ldm_unet_checkpoint(sd, unet_cfg)
+    sd.clear()
+    unet = _load_into(_empty(lambda: UNet2DConditionModel.from_config(unet_cfg)), part, "UNet", path.name, dtype)
+    del part
     return SD15Components(unet, vae, text, tokenizer, read_scheduler_config(config_dir))
 
 
 STANDARD_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
-                    "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
-                    "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json")
+                    "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                    "diffusion_pytorch_model.bin.index.json")
 
 
-def weights_variant(folder: Path) -> Optional[str]:
+def weights_variant(folder: Path, what: str = "base model") -> Optional[str]:
     """``None`` when a diffusers/transformers sub-folder has the standard weight files, else the variant its files
     carry (``diffusion_pytorch_model.fp16.safetensors`` → ``fp16``)."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
@@ -319,7 +332,7 @@ def weights_variant(folder: Path) -> Optional[str]:
         if len(parts) >= 3 and parts[0] in ("diffusion_pytorch_model", "model", "pytorch_model") and \
                 parts[-1] in ("safetensors", "bin", "json"):
             return parts[1]
-    raise ModelFileError(f"base model: {folder} has no weights (expected diffusion_pytorch_model[.fp16].safetensors "
+    raise ModelFileError(f"{what}: {folder} has no weights (expected diffusion_pytorch_model[.fp16].safetensors "
                          "or model[.fp16].safetensors)")
 
 
@@ -352,7 +365,8 @@ def load_diffusers_folder(folder: Path, tokenizer=None, dtype: torch.dtype = tor
         raise BaseModelError(f"base model: UNet cross-attention width {unet.config.cross_attention_dim} ≠ text "
                              f"width {text.config.hidden_size}")
     for m in (unet, vae, text):
-        m.to(dtype)
+        if any(t.is_floating_point() and t.dtype != dtype for t in m.state_dict().values()):
+            m.to(dtype)
     sched = folder / "scheduler"
     return SD15Components(unet, vae, text, tokenizer,
                           read_scheduler_config(folder if (sched / "scheduler_config.json").is_file() else CONFIG_DIR))

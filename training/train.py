@@ -31,7 +31,7 @@ from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # n
 from training import checkpoints as ck  # noqa: E402
 from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from training.data import DropoutConfig, EpochBatchSampler, ShardDataset, collate  # noqa: E402
-from training.model import (IdentityBatch, InstantFamilyNet, encode_text,  # noqa: E402
+from training.model import (IdentityBatch, InstantFamilyNet, as_fp32, encode_text,  # noqa: E402
                             export_checkpoint, json_config, load_controlnet_init, make_controlnet,
                             sample_latents)
 
@@ -263,10 +263,12 @@ def train(args) -> int:
     wdtype = weight_dtype_for(accelerator)
     # the trained parts are fp32 (master weights; autocast does the mixed precision), the ControlNet copied from
     # the fp32 UNet before the frozen parts are cast to the mixed-precision dtype
-    controlnet = (load_controlnet_init(args.controlnet_init, comps.unet) if args.controlnet_init
-                  else make_controlnet(comps.unet)).to(torch.float32)
+    controlnet = as_fp32(load_controlnet_init(args.controlnet_init, comps.unet) if args.controlnet_init
+                         else make_controlnet(comps.unet))
     for m in (comps.unet, comps.vae, comps.text_encoder):
-        m.to(accelerator.device, dtype=wdtype)
+        m.to(accelerator.device)
+        if wdtype != torch.float32:
+            m.to(dtype=wdtype)
     pcfg = ProjectorConfig(global_dim=dataset.global_dim, local_dim=dataset.local_dim, grid=dataset.grid,
                            token_dim=int(comps.unet.config.cross_attention_dim), hidden_dim=args.projector_hidden)
     projector = IdentityProjector(pcfg)
