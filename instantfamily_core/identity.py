@@ -136,6 +136,9 @@ def load_identities(path: str) -> list[IdentityFeatures | SkippedIdentity]:
                 raise EmbeddingError(f"{name}: not an InstantFamily identities file (format "
                                      f"{md.get('format')!r})")
             info = json.loads(md["identities"])
+            if not isinstance(info, list) or not info or not all(isinstance(d, dict) for d in info):
+                raise EmbeddingError(f"{name}: the 'identities' metadata must be a non-empty list of entries "
+                                     f"(name, num_images, face_pack), got {str(info)[:80]!r}")
             return [SkippedIdentity(d["name"], d.get("reason", "no face found")) if d.get("skipped") else
                     IdentityFeatures(f.get_tensor(f"identity.{i}.global"), f.get_tensor(f"identity.{i}.local"),
                                      name=d["name"], num_images=int(d["num_images"]), face_pack=d["face_pack"])

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from instantfamily_core.errors import InstantFamilyError
+
 from .errors import CasesFileError, ImageFileError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -113,7 +115,10 @@ def _parse_slots(raw: dict, cid: str, n_ids: int, base: str) -> tuple[Slots, int
         if order is not None and (not isinstance(order, list) or not all(isinstance(i, int) for i in order)):
             raise _err(cid, "slots.identity_order", "expected a list of person indices, e.g. [1, 0]")
         slots = Slots(pose=frame, identity_order=order, margin=float(margin), source=path)
-        slots.boxes_for(frame.width, frame.height, n_ids)  # validate now (typed PoseError / IdentityCountError)
+        try:  # validate now: the pose must place every identity
+            slots.boxes_for(frame.width, frame.height, n_ids)
+        except InstantFamilyError as e:
+            raise _err(cid, "slots", f"{type(e).__name__}: {e}") from None
         return slots, sum(face_box(p) is not None for p in frame.people)
     boxes = raw.get("boxes")
     if (not isinstance(boxes, list) or len(boxes) != n_ids
