@@ -182,8 +182,15 @@ class MaskedCrossAttention:
         h, w = int(feature_hw[0]), int(feature_hw[1])
         if h * w != q.shape[1]:
             raise MaskError(f"feature size: {h}×{w} = {h * w} positions but the queries have {q.shape[1]}")
+        prepared = self.prepare((h, w), k.shape[1], q.dtype, q.device)
         if self.mode == "paper" and self.num_identities:
-            m, b = self.paper_terms((h, w), k.shape[1], q.dtype, q.device)
-            return paper_attention(q, k, v, heads, m, b)
-        bias = self.bias((h, w), k.shape[1], q.dtype, q.device)
-        return attention_fn(q, k, v, heads, mask=bias)
+            return paper_attention(q, k, v, heads, *prepared)
+        return attention_fn(q, k, v, heads, mask=prepared)
+
+    def prepare(self, feature_hw: tuple[int, int], key_length: int, dtype: torch.dtype, device: torch.device):
+        """What a call at this feature size and key length needs, built once and cached: the additive bias
+        (``None`` = unmasked), or paper mode's ``(M, B)``. Callers that compile the model call it ahead of the
+        traced region, so tracing never has to build or cache anything."""
+        if self.mode == "paper" and self.num_identities:
+            return self.paper_terms(feature_hw, key_length, dtype, device)
+        return self.bias(feature_hw, key_length, dtype, device)

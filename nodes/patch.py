@@ -224,8 +224,19 @@ class IdentityState:
     def per_row(self, key, extra_options: dict, rows: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """``(rows, …)``: ``cond`` on cond rows, ``uncond`` on uncond rows (cached per run and layout)."""
         flags = uncond_rows(extra_options, rows)
+        if torch.compiler.is_compiling():  # a graph op: no Python-side cache for dynamo to guard on
+            return torch.stack([uncond if u else cond for u in flags])
         return self.cache.get(extra_options.get("sample_sigmas"), ("rows", key, flags),
                               lambda: torch.stack([uncond if u else cond for u in flags]))
+
+    def prepare(self, call: "ModelCall") -> None:
+        """Once per model call, outside any compiled region (see :func:`regions_wrapper`): the sigma gate and the
+        latent check, so that the traced hooks only read what is ready. Rules extend it with their own per-run
+        work (projections, masks per feature size)."""
+        if self.sigma_range is not None and call.sigmas is not None:
+            start, end = self.sigma_range
+            self._gate = (call.sigmas, end <= float(call.sigmas.detach().flatten()[0]) <= start)
+        self.cache.get(call.run, ("latent", call.latent_hw), lambda: self.check_latent(call.latent_hw))
 
 
 class InstantFamilyAttention(IdentityState):
@@ -252,16 +263,30 @@ class InstantFamilyAttention(IdentityState):
                               lambda: MaskedCrossAttention(row_masks, a.tokens_per_identity, a.weights.tolist(),
                                                            a.mode))
 
-    def identity_kv(self, attn, like: torch.Tensor, extra_options: dict):
-        """``(rows, N·T, C)`` keys and values of the identities through block ``attn``'s ``to_k``/``to_v``: real
-        identities on cond rows, the null identity on uncond rows; projected once per block and run."""
+    def prepare(self, call: "ModelCall") -> None:
+        super().prepare(call)
+        if not self.num_identities:
+            return
+        like = torch.empty(0, device=call.device, dtype=call.dtype)
+        for attn in call.modules_of(self):
+            self._project(attn, like, call.run)
+        key_lengths = [t + self.num_identities * self.attention.tokens_per_identity for t in call.text_lengths]
+        for hw in call.feature_sizes:
+            for length in key_lengths:
+                self.attention.prepare(hw, length, call.dtype, call.device)
+
+    def _project(self, attn, like: torch.Tensor, run):
         def project():
             real = self.tokens.to(like.device, like.dtype).flatten(0, 1).unsqueeze(0)
             null = self.null_tokens.to(like.device, like.dtype)
             null = (null.flatten(0, 1) if null.ndim == 3 else null.repeat(self.num_identities, 1)).unsqueeze(0)
             return attn.to_k(real)[0], attn.to_v(real)[0], attn.to_k(null)[0], attn.to_v(null)[0]
-        kr, vr, kn, vn = self.cache.get(extra_options.get("sample_sigmas"), ("kv", id(attn), like.device, like.dtype),
-                                        project)
+        return self.cache.get(run, ("kv", id(attn), like.device, like.dtype), project)
+
+    def identity_kv(self, attn, like: torch.Tensor, extra_options: dict):
+        """``(rows, N·T, C)`` keys and values of the identities through block ``attn``'s ``to_k``/``to_v``: real
+        identities on cond rows, the null identity on uncond rows; projected once per block and run."""
+        kr, vr, kn, vn = self._project(attn, like, extra_options.get("sample_sigmas"))
         rows = like.shape[0]
         return (self.per_row(("k", id(attn), like.device, like.dtype), extra_options, rows, kr, kn),
                 self.per_row(("v", id(attn), like.device, like.dtype), extra_options, rows, vr, vn))
@@ -331,14 +356,23 @@ class Attn2Hook:
             out = fn(q, k, v, extra_options["n_heads"])
         if self.callback:
             dtype = out.dtype
-            sigma = sigma_of(extra_options) if any("sigma_start" in kw for kw in self.kwargs) else None
+            foreign = [kw for cb, kw in zip(self.callback, self.kwargs) if not isinstance(cb, IdentityState)]
+            sigma = sigma_of(extra_options) if any("sigma_start" in kw for kw in foreign) else None
             for callback, kw in zip(self.callback, self.kwargs):
-                if sigma is not None and "sigma_start" in kw and not (
+                if isinstance(callback, IdentityState):  # our rules: their own gate, evaluated once per call
+                    if not callback.active(extra_options):
+                        continue
+                elif sigma is not None and "sigma_start" in kw and not (
                         kw.get("sigma_end", 0.0) <= sigma <= kw["sigma_start"]):
                     continue
                 out = out + callback(out, q, k, v, extra_options, **kw)
             out = out.to(dtype)
         return out
+
+    def rules(self) -> list:
+        """This hook's identity rules (base and additive)."""
+        return ([self.state] if self.state is not None else []) + [
+            cb for cb in self.callback if isinstance(cb, IdentityState)]
 
 
 def _describe(patch) -> str:
@@ -405,9 +439,63 @@ def regions_wrapper(executor, model, conds, x_in, timestep, model_options):
                     h, w, y, x = (int(v) for v in a)
                     areas[c["uuid"]] = (min(h, hw[0] - y), min(w, hw[1] - x), y, x)
     options = dict(model_options)
-    options["transformer_options"] = {**model_options.get("transformer_options", {}),
-                                      REGIONS_KEY: {"latent_hw": hw, "areas": areas}}
+    transformer_options = model_options.get("transformer_options", {})
+    options["transformer_options"] = {**transformer_options, REGIONS_KEY: {"latent_hw": hw, "areas": areas}}
+    call = ModelCall(model, conds, x_in, timestep, transformer_options, areas)
+    for rule in call.rules():
+        rule.prepare(call)
     return executor(model, conds, x_in, timestep, options)
+
+
+class ModelCall:
+    """What the rules need to prepare one model call: the run, sigma, latent size, feature sizes, compute dtype and
+    device, the text lengths the conditionings can batch to, and the attention modules each rule serves."""
+
+    def __init__(self, model, conds, x_in, timestep, transformer_options: dict, areas: dict):
+        self.run = transformer_options.get("sample_sigmas")
+        self.sigmas = timestep
+        self.latent_hw = tuple(int(s) for s in x_in.shape[-2:])
+        self.device = x_in.device
+        self.dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+        self.feature_sizes = feature_sizes(self.latent_hw)
+        self.text_lengths = text_lengths(conds)
+        replace = transformer_options.get("patches_replace", {}).get("attn2", {})
+        self.hooks = [h for h in replace.values() if isinstance(h, Attn2Hook)]
+
+    def rules(self) -> list:
+        return list({id(r): r for h in self.hooks for r in h.rules()}.values())
+
+    def modules_of(self, rule) -> list:
+        return list({id(m): m for h in self.hooks if rule in h.rules() for m in h.modules.values()}.values())
+
+
+def feature_sizes(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every feature size a UNet makes from this latent (downsampling halves, rounding up)."""
+    h, w = latent_hw
+    sizes = [(h, w)]
+    while (h, w) != (1, 1) and len(sizes) < 8:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        sizes.append((h, w))
+    return sizes
+
+
+def text_lengths(conds) -> list[int]:
+    """Context lengths of the conditionings and what ComfyUI's batching repeats them to (LCM, at most 4×)."""
+    import math
+    found = set()
+    for cond in conds:
+        for c in cond or ():
+            cross = (c.get("model_conds") or {}).get("c_crossattn")
+            tensor = getattr(cross, "cond", None)
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 3:
+                found.add(int(tensor.shape[1]))
+    lengths = set(found)
+    for a in found:
+        for b in found:
+            m = a * b // math.gcd(a, b)
+            if m // min(a, b) <= 4:
+                lengths.add(m)
+    return sorted(lengths) or [77]
 
 
 def _add_regions_wrapper(model) -> None:
