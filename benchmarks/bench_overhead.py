@@ -2,9 +2,9 @@
 
 Part 1 — **bias builds per resolution.** The pack's real ``ApplyInstantFamily`` patch samples a random
 SD1.5-shaped UNet + ControlNet at resolution A for several steps, then at B, then at A again. The masked attention
-object (``MaskedCrossAttention``) is instrumented from outside (its ``bias``/``multiplier`` methods and the
-``_region_values`` helper that only a cache miss runs are wrapped; core code is untouched) to count lookups and
-builds. Expected: builds = number of distinct attention feature sizes per resolution (shared by UNet and ControlNet
+object (``MaskedCrossAttention``) is instrumented from outside (its ``prepare`` method, through which every call
+and every per-call warm-up goes, is wrapped; core code is untouched) to count lookups and builds (new cache
+entries). Expected: builds = number of distinct attention feature sizes per resolution (shared by UNet and ControlNet
 and by both CFG rows), independent of steps and block calls; 0 new builds on the second run at A.
 
 Part 2 — **hook overhead per call vs N.** The ``attn2`` replace patch (``Attn2Hook.__call__``) is called directly
@@ -39,26 +39,21 @@ def parse_args(argv=None):
 
 
 def instrument(attention):
-    """Count bias/multiplier lookups and builds on one MaskedCrossAttention instance (instance attributes)."""
+    """Count what one MaskedCrossAttention instance builds and how often it is asked (instance attributes; the
+    core is untouched): lookups = calls of ``prepare`` (every attention call and every per-call warm-up goes
+    through it), builds = new entries in its cache, with their feature sizes."""
     counts = {"lookups": 0, "builds": 0, "keys": []}
-    cls = type(attention)
-    region = cls._region_values
+    orig = type(attention).prepare
 
-    def region_values(feature_hw):
-        counts["builds"] += 1
-        counts["keys"].append(tuple(feature_hw))
-        return region(attention, feature_hw)
-
-    def wrap(name):
-        orig = getattr(cls, name)
-
-        def f(*a, **k):
-            counts["lookups"] += 1
-            return orig(attention, *a, **k)
-        return f
-    attention._region_values = region_values
-    attention.bias = wrap("bias")
-    attention.multiplier = wrap("multiplier")
+    def prepare(feature_hw, key_length, dtype, device):
+        counts["lookups"] += 1
+        before = set(attention._cache)
+        result = orig(attention, feature_hw, key_length, dtype, device)
+        new = set(attention._cache) - before
+        counts["builds"] += len(new)
+        counts["keys"] += [tuple(k[1]) for k in new]
+        return result
+    attention.prepare = prepare
     return counts
 
 
@@ -88,19 +83,19 @@ def main(argv=None):
             counts = instrument(state.attention)
             calls = {"n": 0, "gate": 0}
             orig_call = mods["patch"].Attn2Hook.__call__
-            orig_active = mods["patch"].InstantFamilyAttention.active
+            orig_prepare = mods["patch"].InstantFamilyAttention.prepare
 
             def counting_call(self, q, k, v, extra_options):
                 calls["n"] += 1
                 return orig_call(self, q, k, v, extra_options)
 
-            def counting_active(self, extra_options):
+            def counting_prepare(self, call):
                 before = self._gate
-                result = orig_active(self, extra_options)
+                result = orig_prepare(self, call)
                 calls["gate"] += self._gate is not before  # a float(sigmas): one evaluation
                 return result
             mods["patch"].Attn2Hook.__call__ = counting_call
-            mods["patch"].InstantFamilyAttention.active = counting_active
+            mods["patch"].InstantFamilyAttention.prepare = counting_prepare
             for run, lat in enumerate((lat_a, lat_b, lat_a)):
                 before = dict(counts, keys=list(counts["keys"]))
                 c0, g0 = calls["n"], calls["gate"]
@@ -119,7 +114,7 @@ def main(argv=None):
                               ", ".join(f"{h}×{w}" for h, w in new_keys) or "—", entry["cache_entries"],
                               f"{entry['sigma_gates'] / args.steps:.0f}"])
             mods["patch"].Attn2Hook.__call__ = orig_call
-            mods["patch"].InstantFamilyAttention.active = orig_active
+            mods["patch"].InstantFamilyAttention.prepare = orig_prepare
 
     # ---- part 2: hook overhead per call ------------------------------------------------------------------------
     from instantfamily_core.attention import MaskedCrossAttention

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="", help="also run diagnostic configurations (additive mode): "
                    "'tokens' = identity tokens "
                    "with full masks (no bias: the cost of the extra keys alone)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
+                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
     p.add_argument("--no-controlnet", action="store_true", help="UNet only (the ControlNet is not attached)")
     p.add_argument("--comfy-arg", action="append", default=[], help="extra ComfyUI CLI flag, e.g. "
                    "--comfy-arg=--use-pytorch-cross-attention (repeatable)")
@@ -134,6 +137,15 @@ def main(argv=None):
             configs.append({"name": f"tokens N={n}", "n": n, "mode": "tokens", "model": patched, "pos": pos,
                             "neg": neg})
 
+    if args.compile:
+        import torch._dynamo
+        from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+        # every configuration compiles the same UNet module, each with its own guards: room for all of them
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(configs))
+        for c in configs:
+            c["model"] = c["model"].clone()
+            set_torch_compile_wrapper(c["model"], backend=args.compile)
+
     timer = C.Timer(args.device)
     latent = torch.zeros(1, 4, lat, lat)
     noise = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0))
@@ -154,7 +166,7 @@ def main(argv=None):
         return (cpu, wall) if clock == "cpu" else (wall, cpu)
 
     print(f"# bench_step: {size} ({spec['channels']} ch, {px}×{px} px, latent {lat}×{lat}), {dtype}, "
-          f"{args.device}, attention backend {comfy_attention.optimized_attention.__name__}, "
+          f"{args.device}, compile {args.compile or 'no'}, attention backend {comfy_attention.optimized_attention.__name__}, "
           f"{len(configs)} configs × {spec['repeats']} rounds × {spec['steps'] - 1} timed steps; built in "
           f"{build_s:.1f}s", flush=True)
     t_start = time.perf_counter()
@@ -189,6 +201,7 @@ def main(argv=None):
 
     env = C.environment(args.device)
     env.update(attention_backend=comfy_attention.optimized_attention.__name__, dtype=str(dtype),
+               compile=args.compile or "no",
                size=size, model_channels=spec["channels"], num_heads=spec["heads"], latent=lat, pixels=px, steps_per_run=spec["steps"],
                rounds=spec["repeats"], controlnet=not args.no_controlnet, wall_s=round(total_s, 1), clock=clock,
                vram_state=str(comfy.model_management.vram_state))
@@ -220,7 +233,7 @@ def main(argv=None):
              "",
              f"{env['date']} · torch {env['torch']} · ComfyUI {env.get('comfyui', '?')} · {dtype} · "
              f"UNet{' + ControlNet' if not args.no_controlnet else ''} {spec['channels']} ch, {spec['heads']} heads, {px}×{px} px "
-             f"(latent {lat}×{lat}), CFG batch 2, 50 tokens per identity · attention "
+             f"(latent {lat}×{lat}), CFG batch 2, 50 tokens per identity · torch.compile: {env['compile']} · attention "
              f"`{env['attention_backend']}` · {env['torch_threads']} threads · clock: {clock} · {spec['repeats']} rounds × "
              f"{spec['steps'] - 1} steps per config · run {total_s:.0f}s",
              "", table, "", "Ratio to text-only (median / median):", "", pivot, ""]

@@ -281,15 +281,15 @@ class InstantFamilyAttention(IdentityState):
             null = self.null_tokens.to(like.device, like.dtype)
             null = (null.flatten(0, 1) if null.ndim == 3 else null.repeat(self.num_identities, 1)).unsqueeze(0)
             return attn.to_k(real)[0], attn.to_v(real)[0], attn.to_k(null)[0], attn.to_v(null)[0]
-        return self.cache.get(run, ("kv", id(attn), like.device, like.dtype), project)
+        return self.cache.get(run, ("kv", attn, like.device, like.dtype), project)
 
     def identity_kv(self, attn, like: torch.Tensor, extra_options: dict):
         """``(rows, N·T, C)`` keys and values of the identities through block ``attn``'s ``to_k``/``to_v``: real
         identities on cond rows, the null identity on uncond rows; projected once per block and run."""
         kr, vr, kn, vn = self._project(attn, like, extra_options.get("sample_sigmas"))
         rows = like.shape[0]
-        return (self.per_row(("k", id(attn), like.device, like.dtype), extra_options, rows, kr, kn),
-                self.per_row(("v", id(attn), like.device, like.dtype), extra_options, rows, vr, vn))
+        return (self.per_row(("k", attn, like.device, like.dtype), extra_options, rows, kr, kn),
+                self.per_row(("v", attn, like.device, like.dtype), extra_options, rows, vr, vn))
 
     def __call__(self, attn, q, k, v, extra_options: dict, fn: Callable) -> torch.Tensor:
         k_ids, v_ids = self.identity_kv(attn, k, extra_options)
@@ -457,7 +457,8 @@ class ModelCall:
         self.latent_hw = tuple(int(s) for s in x_in.shape[-2:])
         self.device = x_in.device
         self.dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
-        self.feature_sizes = feature_sizes(self.latent_hw)
+        levels = len(getattr(getattr(model, "diffusion_model", None), "channel_mult", ()) or ()) or 8
+        self.feature_sizes = feature_sizes(self.latent_hw)[:levels]
         self.text_lengths = text_lengths(conds)
         replace = transformer_options.get("patches_replace", {}).get("attn2", {})
         self.hooks = [h for h in replace.values() if isinstance(h, Attn2Hook)]

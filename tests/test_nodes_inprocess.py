@@ -374,7 +374,7 @@ def test_identity_keys_go_through_lora_patched_weights(host, ifmodel):
     hook = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)]
     sample(nodes, patched, pos, neg, steps=1)
     attn = hook.modules[("input", 1, 0)]
-    cached = [v for k, v in hook.state.cache.data.items() if k[0] == "kv" and k[1] == id(attn)]
+    cached = [v for k, v in hook.state.cache.data.items() if k[0] == "kv" and k[1] is attn]
     assert len(cached) == 1
     tokens = hook.state.tokens.flatten(0, 1)
     torch.testing.assert_close(cached[0][0], tokens @ (weight + delta).t(), rtol=1e-4, atol=1e-5)
