@@ -4,8 +4,11 @@ Loading (``load_base``), always offline:
 
 * a **diffusers folder** (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), or
 * a **single-file checkpoint** (``.safetensors`` / ``.ckpt`` in the original LDM layout, what ComfyUI users keep
-  in ``models/checkpoints``). Its architecture comes from ``training/configs/sd15`` (shipped, tiny JSON files),
-  the weights are converted with diffusers' own LDM → diffusers key conversion.
+  in ``models/checkpoints``), in every layout in use (see :func:`load_base`). Its architecture comes from
+  ``training/configs/sd15`` (shipped, tiny JSON files); UNet and VAE weights are converted with diffusers' own
+  LDM → diffusers key conversion, text-encoder keys are mapped to the installed ``CLIPTextModel``'s own names.
+
+Whatever the file stores, the components come back in fp32 (training casts the frozen ones afterwards).
 
 The CLIP BPE tokenizer (~1.5 MB) is not shipped: ``--tokenizer`` names a folder with ``vocab.json`` +
 ``merges.txt``; otherwise the diffusers folder's ``tokenizer/``, the config folder's ``tokenizer/`` or ComfyUI's
