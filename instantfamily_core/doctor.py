@@ -239,7 +239,7 @@ def check_onnxruntime(importer=importlib.import_module, version_of=None) -> list
 
 
 def check_insightface(importer=importlib.import_module) -> Check:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # insightface 0.7.3 imports albumentations, which phones home
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # 0.7.3 imports albumentations, which phones home
     try:
         mod = importer("insightface")
         importer("insightface.app")
@@ -312,7 +312,8 @@ def check_face_packs(loc: Locations, models: Models) -> list[Check]:
         for stray in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "models") if root.is_dir() else []:
             if any(stray.glob("*.onnx")) or any(stray.glob("*/*.onnx")):
                 rows.append(Check(f"face pack {stray.name}", FAIL, f"{stray} is outside {models_dir(root)}",
-                                  f"move it to {models_dir(root) / stray.name} (insightface reads <root>/models/<pack>)"))
+                                  f"move it to {models_dir(root) / stray.name} (insightface reads "
+                                  "<root>/models/<pack>)"))
         for name in list_packs(root, include_nested=True):
             try:
                 pack = resolve_pack(root, name)
@@ -328,7 +329,8 @@ def check_face_packs(loc: Locations, models: Models) -> list[Check]:
                 rows.append(Check(f"face pack {name}", OK, f"{pack.path}: detector {pack.detector.name}, "
                                   f"recognizer {pack.recognizer.name}"))
     if not models.packs and not rows:
-        rows.append(Check("face packs", FAIL, f"none in {', '.join(str(models_dir(r)) for r in roots) or '(no folder)'}",
+        where = ", ".join(str(models_dir(r)) for r in roots) or "(no folder)"
+        rows.append(Check("face packs", FAIL, f"none in {where}",
                           f"download antelopev2 (InstantFamily checkpoints) and/or buffalo_l (FaceID) and unzip each "
                           f"so its .onnx files lie in {models_dir(roots[0]) if roots else 'models/insightface/models'}"
                           "/<pack>/"))
@@ -398,18 +400,13 @@ def check_faceid(loc: Locations, models: Models) -> list[Check]:
     rows = []
     try:
         from instantfamily_core.faceid import load_faceid
-    except ImportError:
-        load_faceid = None
     except Exception as e:  # noqa: BLE001 - torch broken
         return [Check("FaceID files", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
                       "fix the rows above first")] if files else []
     for p in files:
         try:
-            if load_faceid is not None:
-                w = load_faceid(str(p))
-                variant, lora = w.variant, w.has_lora
-            else:
-                variant, lora = _faceid_container(p)
+            w = load_faceid(str(p))  # container, variant, every key and shape (the FaceID loader node's check)
+            variant, lora = w.variant, w.has_lora
         except Exception as e:  # noqa: BLE001 - typed FaceIDFileError, or anything a corrupt file raises
             rows.append(Check(f"FaceID {p.name}", FAIL, _first_line(e) or type(e).__name__,
                               f"download it again from {FACEID_DOWNLOAD} (SD1.5 files) or remove it from {p.parent}"))
@@ -426,24 +423,6 @@ def check_faceid(loc: Locations, models: Models) -> list[Check]:
         else:
             rows.append(Check(f"FaceID {p.name}", OK, f"{variant}{', LoRA inside' if lora else ''}"))
     return rows
-
-
-def _faceid_container(p: Path) -> tuple[str, bool]:
-    """Fallback check without the FaceID module: the container reads and has the two parts."""
-    import torch
-    if p.name.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(str(p), framework="pt") as f:
-            keys = list(f.keys())
-        parts = {k.split(".", 1)[0] for k in keys}
-    else:
-        data = torch.load(str(p), map_location="cpu", weights_only=True)
-        parts = set(data) if isinstance(data, dict) else set()
-        keys = [f"{a}.{b}" for a in parts for b in (data[a] if isinstance(data.get(a), dict) else {})]
-    if not {"image_proj", "ip_adapter"} <= parts:
-        raise ValueError(f"{p.name}: no 'image_proj' and 'ip_adapter' parts; not an IP-Adapter file")
-    variant = "plus" if any(".perceiver_resampler." in f".{k}" for k in keys) else "faceid"
-    return variant, any("_lora." in k for k in keys)
 
 
 def _tensor_shapes(p: Path) -> dict:
@@ -546,7 +525,8 @@ def mode_rows(loc: Locations, models: Models) -> list[Check]:
                               f"{_where(loc.get('insightface'))}/models/")
     fid_missing = []
     usable = [n for n, (v, lora) in models.faceid.items()
-              if (lora or v == "portrait" or models.faceid_loras) and (v not in ("plus", "plusv2") or models.clip_vision)]
+              if (lora or v == "portrait" or models.faceid_loras)
+              and (v not in ("plus", "plusv2") or models.clip_vision)]
     if not models.faceid:
         fid_missing.append(f"ip-adapter-faceid_sd15.bin or ip-adapter-faceid-plusv2_sd15.bin in "
                            f"{_where(loc.get('ipadapter'))}")

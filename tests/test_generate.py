@@ -199,7 +199,8 @@ def test_boxes_become_the_masks_and_slot_circles():
     from instantfamily_core.render import slot_color
     from training import generate
     from training.evaluation.cases import parse_case
-    raw = {"id": "b", "prompt": "", "identities": [{"name": "x", "images": ["x.png"]}, {"name": "y", "images": ["y.png"]}],
+    raw = {"id": "b", "prompt": "",
+           "identities": [{"name": "x", "images": ["x.png"]}, {"name": "y", "images": ["y.png"]}],
            "slots": {"boxes": [[300, 40, 460, 200], [20, 60, 180, 220]], "canvas": [512, 512]}}
     case = parse_case(raw, 0, "/")
     lay = generate.case_layout(case, 256, 256)
@@ -246,7 +247,9 @@ def test_cli_generates_resumes_and_evaluates(ws, tmp_path):
     table = (out / "eval" / "summary.md").read_text()
     assert "tiny" in table and "MultiSim" in table and "SingleSim" in table
     manifest = json.loads((out / "generate.json").read_text())
-    assert manifest["images"]["pair_11.png"] == {"case": "pair", "seed": 11, "pose": manifest["images"]["pair_11.png"]["pose"]}
+    assert manifest["images"]["pair_11.png"] == {"case": "pair", "seed": 11,
+                                                 "pose": f"pose {ws['cases'].parent / 'pair.pose.json'}"}
+    assert manifest["images"]["boxes_10.png"]["pose"] == "boxes"
     assert manifest["images"]["solo_10.png"]["pose"] == "template family_1.json"
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.png")}
@@ -294,6 +297,10 @@ def test_training_checkpoint_folder_gives_the_same_images(ws, tmp_path):
         outs[name] = (tmp_path / name / "solo_3.png").read_bytes()
     assert outs["file"] == outs["step"], "step folder"
     assert outs["file"] == outs["run"], "run folder"
+    # resuming from a training folder (exported anew each run) recognises its own images
+    before = (tmp_path / "run" / "solo_3.png").stat().st_mtime_ns
+    assert generate.main(args) == 0
+    assert (tmp_path / "run" / "solo_3.png").stat().st_mtime_ns == before
 
 
 def test_bad_input_is_a_clear_error(ws, tmp_path, capsys):

@@ -200,11 +200,16 @@ def resolve_checkpoint(path: str | os.PathLike, use_ema: bool, workdir: str) -> 
     return export_folder(step, Path(workdir) / "instantfamily.safetensors", use_ema, dtype="fp32")
 
 
-def fingerprint(path: Path) -> str:
+def fingerprint(ckpt) -> str:
+    """A digest of a loaded checkpoint's weights and metadata (not of the file's bytes: a training folder is
+    exported anew on every run, and safetensors does not fix the order of its metadata)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    state = {f"projector.{k}": v for k, v in ckpt.projector.state_dict().items()}
+    state.update({f"controlnet.{k}": v for k, v in ckpt.controlnet.items()})
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(ckpt.meta.to_strings(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -273,8 +278,8 @@ def image_name(case_id: str, seed: int) -> str:
     return f"{case_id}_{seed}.png"
 
 
-def settings_of(args, ckpt_file: Path, base: Path, dtype: torch.dtype) -> dict:
-    return {"checkpoint_sha256_16": fingerprint(ckpt_file), "base": str(base.resolve()), "steps": args.steps,
+def settings_of(args, ckpt, base: Path, dtype: torch.dtype) -> dict:
+    return {"checkpoint_sha256_16": fingerprint(ckpt), "base": str(base.resolve()), "steps": args.steps,
             "cfg": args.cfg, "negative": args.negative, "width": args.width, "height": args.height,
             "mask_mode": args.mask_mode, "face_pack": args.face_pack, "det_size": args.det_size,
             "sampler": "euler", "scheduler": "simple", "dtype": str(dtype).replace("torch.", "")}
@@ -347,7 +352,8 @@ class Generator:
         return torch.stack([self._text[p] for p in prompts]).to(self.dtype)
 
     @torch.no_grad()
-    def latents(self, prompts: Sequence[str], negative: str, identities: Sequence[Sequence], masks: Sequence[torch.Tensor],
+    def latents(self, prompts: Sequence[str], negative: str, identities: Sequence[Sequence],
+                masks: Sequence[torch.Tensor],
                 controls: Sequence[np.ndarray], seeds: Sequence[int], steps: int, cfg: float) -> torch.Tensor:
         """Latents (model space, ``(B, 4, h, w)``) of B images; row i has ``identities[i]`` (N features, slot
         order), ``masks[i]`` ``(N, H, W)``, control image ``controls[i]`` and seed ``seeds[i]``."""
@@ -426,7 +432,7 @@ def run(args) -> int:
         if not args.face_pack:
             raise GenerateError("--face-pack: the checkpoint records no face pack; name the one it was trained with")
         mode = ckpt.meta.mask_mode if args.mask_mode == "checkpoint" else args.mask_mode
-        settings = settings_of(args, ckpt_file, Path(args.base), dtype)
+        settings = settings_of(args, ckpt, Path(args.base), dtype)
     recorded = check_manifest(out, settings)
     todo = [j for j in jobs if not j.path.is_file()]
     kept = len(jobs) - len(todo)
