@@ -85,3 +85,35 @@ def test_comfyui_nodes_match_the_training_model(sides, n, mode):
                               x / torch.sqrt(sigma ** 2 + 1), torch.tensor([float(t_index)]), text, _identities(n + 1)[1:],
                               masks, pose_image[..., :3].movedim(-1, 1), mask_mode=mode)
     assert (other - train_eps).abs().max().item() > 100 * TOLERANCE
+
+
+def test_fp16_export_runs_in_the_nodes_as_the_training_model_with_fp16_weights(sides, tmp_path):
+    """``--dtype fp16`` (the CLIs' default): the ComfyUI nodes on the fp16 file predict what the training model
+    predicts with the same fp16-rounded weights."""
+    from instantfamily_core.checkpoint import load_checkpoint
+    from support.poses import frame, person
+    from training.model import export_checkpoint, load_controlnet_from_checkpoint, predict_noise
+    setup, model, _, nodes = sides
+    path = tmp_path / "fp16.safetensors"
+    export_checkpoint(path, setup.projector, setup.controlnet, "tinypack", dtype="fp16")
+    ckpt = load_checkpoint(str(path))
+    assert all(v.dtype == torch.float16 for v in ckpt.controlnet.values())
+    ifmodel = nodes.load_instantfamily(str(path))
+    pack_nodes = sys.modules[nodes.__name__.replace("model_nodes", "pose_nodes")]
+    ids = _identities(2)
+    pose = frame([person(16, 20, s=5), person(48, 20, s=5)], w=64, h=64)
+    pose_image, masks, _ = pack_nodes.PoseToMasks().run(ids, "none (use pose_keypoint)", 64, 64, 0.25, "auto",
+                                                        pose_keypoint=pose)
+    g = torch.Generator().manual_seed(9)
+    text, x = torch.randn(1, 77, 768, generator=g), torch.randn(1, 4, 8, 8, generator=g) * 3
+    sigma = model.model.model_sampling.sigmas[500].reshape(1).float()
+    comfy_eps = _comfy_eps(model, ifmodel, nodes, ids, pose_image, masks, text, x, sigma, "additive")
+    cn = load_controlnet_from_checkpoint(ckpt)
+    with torch.no_grad():
+        train_eps = predict_noise(setup.components.unet, cn, ckpt.projector, x / torch.sqrt(sigma ** 2 + 1),
+                                  torch.tensor([500.0]), text, ids, masks, pose_image[..., :3].movedim(-1, 1))
+        full_eps = predict_noise(setup.components.unet, setup.controlnet, setup.projector,
+                                 x / torch.sqrt(sigma ** 2 + 1), torch.tensor([500.0]), text, ids, masks,
+                                 pose_image[..., :3].movedim(-1, 1))
+    assert (comfy_eps - train_eps).abs().max().item() < TOLERANCE
+    assert (full_eps - train_eps).abs().max().item() > 0  # the file really holds rounded weights
