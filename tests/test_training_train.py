@@ -245,3 +245,22 @@ def test_controlnet_init_starts_training_from_the_given_controlnet_and_refuses_o
         M.load_controlnet_init(tmp_path / "nope.pth", unet)
     assert train.main(ws.train_args(tmp_path / "run2", "--max-steps", "1",
                                     "--controlnet-init", str(tmp_path / "depth-1ch.safetensors"))) == 2
+
+
+def test_controlnet_init_folder_as_published_with_bin_safetensors_and_fp16_variants(ws, tmp_path):
+    """lllyasviel/control_v11p_sd15_openpose holds diffusion_pytorch_model{,.fp16}.{bin,safetensors}: the standard
+    safetensors file is read; a folder with only fp16 files reads those."""
+    from safetensors.torch import save_file
+    start = {k: v.clone() for k, v in ws.setup.controlnet.state_dict().items()}
+    folder = tmp_path / "control_v11p_sd15_openpose"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(M.json_config(ws.setup.controlnet.config)))
+    save_file(start, str(folder / "diffusion_pytorch_model.safetensors"))
+    torch.save({k: torch.zeros_like(v) for k, v in start.items()}, str(folder / "diffusion_pytorch_model.bin"))
+    save_file({k: v.half() for k, v in start.items()}, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    cn = M.load_controlnet_init(folder, ws.setup.components.unet)
+    assert all(torch.equal(v, start[k]) for k, v in cn.state_dict().items())
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.bin").unlink()
+    cn = M.load_controlnet_init(folder, ws.setup.components.unet)
+    assert all(torch.equal(v, start[k].half().float()) for k, v in cn.state_dict().items())

@@ -182,6 +182,8 @@ def load_controlnet_init(path, unet):
         weights = [f for f in p.iterdir() if f.name.startswith("diffusion_pytorch_model") and
                    f.name.split(".")[-1] in ("safetensors", "bin") and
                    (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]
+        if any(w.suffix == ".safetensors" for w in weights):  # published folders carry both: prefer safetensors
+            weights = [w for w in weights if w.suffix == ".safetensors"]
         if len(weights) != 1:
             raise ModelFileError(f"{name}: expected one diffusion_pytorch_model[.<variant>].safetensors or .bin in "
                                  f"{p}, found {[w.name for w in weights]}")
