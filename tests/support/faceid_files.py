@@ -9,6 +9,8 @@ with ``image_proj.``/``ip_adapter.`` prefixes. Generated at test time, never com
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 
@@ -131,19 +133,48 @@ def meta_sd15():
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def random_module_state(module: torch.nn.Module, seed: int, std: float = 0.02) -> dict:
+    """fp16 random values for a (meta) module's state dict: normal(0, std) for matrices and kernels, **1 for the
+    weights of every normalisation layer found by type** (GroupNorm/LayerNorm — in ldm naming a resblock's
+    GroupNorm is ``in_layers.0``, so a name rule misses it and a zero scale makes the UNet output ε ≡ 0), 0 for
+    biases."""
+    g = torch.Generator().manual_seed(seed)
+    norm_weights = {f"{name}.weight" if name else "weight" for name, m in module.named_modules()
+                    if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(m, "weight", None) is not None}
+    out = {}
+    for name, t in module.state_dict().items():
+        if name in norm_weights:
+            v = torch.ones(t.shape)
+        elif t.ndim > 1:
+            v = torch.randn(t.shape, generator=g) * std
+        else:
+            v = torch.zeros(t.shape)
+        out[name] = v.to(torch.float16).contiguous()
+    return out
+
+
 def write_sd15_checkpoint(path: str, seed: int = 0) -> None:
     """A full-size SD1.5 checkpoint (random fp16 UNet + CLIP-L, TAESD as the VAE) that ComfyUI's stock loader reads
-    as SD1.5 with all 16 cross-attentions at 320/640/1280 — what the FaceID weights need. ~1.9 GiB: call it in a
-    subprocess (:func:`generate_in_subprocess`) so the memory goes back."""
-    from . import comfy_files
-    saved = dict(comfy_files.MICRO_UNET)
-    comfy_files.MICRO_UNET.clear()
-    comfy_files.MICRO_UNET.update(SD15_UNET)
-    try:
-        comfy_files.write_micro_sd15(path, seed)
-    finally:
-        comfy_files.MICRO_UNET.clear()
-        comfy_files.MICRO_UNET.update(saved)
+    as SD1.5 with all 16 cross-attentions at 320/640/1280 — what the FaceID weights need — and whose UNet output
+    depends on its input and context (norm scales 1). ~1.9 GiB: call it through :func:`generate_in_subprocess`."""
+    import comfy.clip_model
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+    from safetensors.torch import save_file
+
+    from .comfy_files import _meta, _random_state
+    unet = _meta(lambda: oai.UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init))
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        clip_cfg = json.load(f)
+    clip = _meta(lambda: comfy.clip_model.CLIPTextModel(clip_cfg, torch.float32, "meta", comfy.ops.disable_weight_init))
+    sd = {f"model.diffusion_model.{k}": v for k, v in random_module_state(unet, seed).items()}
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in _random_state(clip, seed + 1).items()
+               if "text_projection" not in k and "logit_scale" not in k})
+    sd.update({f"first_stage_model.{k}": v for k, v in _random_state(comfy.taesd.taesd.TAESD(), seed + 2,
+                                                                          std=0.05).items()})
+    save_file(sd, path)
 
 
 def write_sd15_openpose_controlnet(path: str, seed: int = 5) -> None:
@@ -152,11 +183,11 @@ def write_sd15_openpose_controlnet(path: str, seed: int = 5) -> None:
     import comfy.cldm.cldm
     import comfy.ops
 
-    from .comfy_files import _meta, _random_state
+    from .comfy_files import _meta
     cfg = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
     cfg["hint_channels"] = 3
     cn = _meta(lambda: comfy.cldm.cldm.ControlNet(**cfg, operations=comfy.ops.disable_weight_init))
-    torch.save({f"control_model.{k}": v for k, v in _random_state(cn, seed, std=0.02).items()}, str(path))
+    torch.save({f"control_model.{k}": v for k, v in random_module_state(cn, seed).items()}, str(path))
 
 
 def generate_in_subprocess(kind: str, path: str) -> None:
@@ -174,7 +205,7 @@ def generate_in_subprocess(kind: str, path: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=900)
 
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 
 
 def cached_full_size(kind: str) -> str:
