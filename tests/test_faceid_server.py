@@ -1,0 +1,158 @@
+"""Public-weights mode end to end over HTTP: the bundled FaceID workflows (2 people posed from a group photo, 4
+people on a template) run in a real ComfyUI server and produce images.
+
+Files (random values, generated at test time, never committed): a **full-size** SD1.5 checkpoint (the FaceID
+weights address all 16 cross-attentions at 320/640/1280, so a reduced UNet cannot take them; TAESD as the VAE),
+a full-size ControlNet in ``control_v11p_sd15_openpose.pth``'s layout loaded by the stock ControlNetLoader, an
+``ip-adapter-faceid_sd15.bin`` in the published layout, and a tiny insightface pack named ``buffalo_l``. The two
+full-size files are cached in ``~/.cache/instantfamily/fixtures`` (≈2.7 GB, generated once, ~3 min on 2 cores).
+Images are 64 px high, 2 steps. The PlusV2 workflow needs a full CLIP ViT-H (632 M parameters) and is only
+checked against /object_info here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+FACEID_WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("faceid_*.json"))
+RUN = ["faceid_2_people_pose_from_photo", "faceid_4_people_template"]
+COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from support import faceid_files as ff
+    from support.comfy_host import import_host
+    from support.comfy_server import ComfyServer
+    from support.face_models import draw_faces, make_tiny_pack
+    import_host()
+
+    class Server(ComfyServer):
+        def _yaml(self):
+            path = super()._yaml()
+            with open(path, "a") as f:
+                f.write("  ipadapter: models/ipadapter\n  controlnet: models/controlnet\n")
+            return path
+
+    base = tmp_path_factory.mktemp("comfy_faceid")
+    srv = Server(base)
+    models = base / "models"
+    for d in ("ipadapter", "controlnet"):
+        (models / d).mkdir(parents=True, exist_ok=True)
+    os.symlink(ff.cached_full_size("checkpoint"), models / "checkpoints" / "v1-5-pruned-emaonly.safetensors")
+    os.symlink(ff.cached_full_size("controlnet"), models / "controlnet" / "control_v11p_sd15_openpose.pth")
+    ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))
+    make_tiny_pack(models / "insightface", "buffalo_l")
+    for i, color in enumerate(COLORS):
+        Image.fromarray(draw_faces((640, 640), [(320, 320)], [color])).save(base / "in" / f"person_{i + 1}.png")
+    Image.fromarray(draw_faces((640, 640), [(160, 320), (480, 320)], COLORS[:2])).save(base / "in" / "group_photo.png")
+    with srv:
+        yield srv
+
+
+def twin(name: str) -> dict:
+    with open(REPO / "workflows" / "api" / f"{name}.json") as f:
+        return json.load(f)
+
+
+def shrink(prompt: dict, height: int = 64) -> dict:
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        ins = node["inputs"]
+        if node["class_type"] in ("EmptyLatentImage", "InstantFamilyPoseToMasks"):
+            ins["width"] = max(64, 8 * round(ins["width"] * height / ins["height"] / 8))
+            ins["height"] = height
+        if node["class_type"] == "KSampler":
+            ins["steps"] = 2
+        if node["class_type"] == "InstantFamilyPoseFromImage":  # controlnet-aux and its weights are optional
+            ins["method"] = "faces (insightface)"
+    return p
+
+
+def saved_image(srv, entry) -> np.ndarray:
+    """The saved PNG of a finished prompt (success required; 64 px high)."""
+    assert entry.get("status", {}).get("status_str") == "success", (entry.get("status"), srv.log()[-3000:])
+    images = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
+    assert images, entry["outputs"]
+    with Image.open(srv.base / "out" / images[0].get("subfolder", "") / images[0]["filename"]) as im:
+        assert im.size[1] == 64
+        return np.asarray(im).astype(np.int16)
+
+
+def of_class(prompt, cls):
+    return [k for k, v in prompt.items() if v["class_type"] == cls]
+
+
+def test_faceid_workflows_agree_with_object_info_and_are_templates(server):
+    from support.workflow_format import input_specs, ui_to_api
+    info = server.get("/object_info")
+    assert set(FACEID_WORKFLOWS) == {"faceid_2_people_pose_from_photo", "faceid_4_people_template",
+                                     "faceid_plusv2_2_people_pose_from_photo"}
+    assert set(FACEID_WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
+    for name in FACEID_WORKFLOWS:
+        with open(REPO / "workflows" / f"{name}.json") as f:
+            assert ui_to_api(json.load(f), info) == twin(name), name
+        prompt = twin(name)
+        for nid, node in prompt.items():
+            for key, spec, required in input_specs(info[node["class_type"]]):
+                if required:
+                    assert node["inputs"].get(key) is not None, (name, nid, key)
+        cn = prompt[of_class(prompt, "ControlNetLoader")[0]]["inputs"]["control_net_name"]
+        assert cn == "control_v11p_sd15_openpose.pth"
+        ptm = prompt[of_class(prompt, "InstantFamilyPoseToMasks")[0]]["inputs"]
+        assert ptm["control_image"].startswith("OpenPose")  # no slot circles for the stock ControlNet
+        cna = prompt[of_class(prompt, "ControlNetApplyAdvanced")[0]]["inputs"]
+        assert cna["image"] == [of_class(prompt, "InstantFamilyPoseToMasks")[0], 0]
+        fid = prompt[of_class(prompt, "InstantFamilyFaceIDLoader")[0]]["inputs"]
+        assert ("plusv2" in fid["ipadapter_file"]) == ("plusv2" in name)
+        assert bool(of_class(prompt, "CLIPVisionLoader")) == ("plusv2" in name)
+
+
+def with_latent_output(prompt: dict, prefix: str) -> dict:
+    """The prompt plus the stock SaveLatent on the sampler's output (random weights decode to a saturated image,
+    so effects are compared on the latent)."""
+    p = copy.deepcopy(prompt)
+    p["990"] = {"class_type": "SaveLatent", "inputs": {"samples": [of_class(p, "KSampler")[0], 0],
+                                                        "filename_prefix": f"latents/{prefix}"}}
+    return p
+
+
+def saved_latent(srv, prefix: str):
+    from safetensors.torch import load_file
+    files = sorted((srv.base / "out" / "latents").glob(f"{prefix}_*.latent"))
+    assert files, list((srv.base / "out").rglob("*"))
+    return load_file(str(files[-1]))["latent_tensor"]
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_faceid_workflow_generates_an_image_and_the_identities_act(server, name):
+    import torch
+    prompt = with_latent_output(shrink(twin(name)), f"{name}_on")
+    saved_image(server, server.run(prompt))
+    on = saved_latent(server, f"{name}_on")
+    assert torch.isfinite(on).all()
+    if name != RUN[0]:  # one comparison is enough (each full-size run costs minutes on a loaded 2-core box)
+        return
+    off = with_latent_output(shrink(twin(name)), f"{name}_off")
+    off[of_class(off, "ApplyInstantFamilyFaceID")[0]]["inputs"]["weight"] = 0.0
+    saved_image(server, server.run(off))
+    # the FaceID term changes the result (the LoRA is identical in both runs)
+    assert (saved_latent(server, f"{name}_off") - on).abs().max() > 1e-4
+
+
+def test_bad_faceid_inputs_are_node_errors(server, tmp_path):
+    from support.comfy_server import execution_error
+    prompt = shrink(twin("faceid_2_people_pose_from_photo"))
+    bad = copy.deepcopy(prompt)
+    bad[of_class(bad, "ApplyInstantFamilyFaceID")[0]]["inputs"]["identity_weights"] = "1, 2, 3"
+    err = execution_error(server.run(bad))
+    assert err is not None and "identity_weights: 3 weights for 2 identities" in err["exception_message"], err
