@@ -441,11 +441,16 @@ def run(args) -> int:
     if todo:
         out.mkdir(parents=True, exist_ok=True)
         write_manifest(out, settings, recorded)
+        # every pending case's layout and identities first: bad poses or reference photos fail before sampling
         analyzer = get_analyzer(args.face_root, args.face_pack, args.provider, args.det_size)
+        layouts, identities = {}, {}
+        for case in tqdm(list({j.case.id: j.case for j in todo}.values()), desc="identities", unit="case",
+                         disable=args.no_progress):
+            layouts[case.id] = case_layout(case, args.width, args.height)
+            identities[case.id] = encode_identities(analyzer, case)
         comps = load_base(args.base, args.tokenizer, args.config_dir)
         gen = Generator(comps, ckpt.projector, load_controlnet_from_checkpoint(ckpt), mode, device, dtype,
                         comps.scheduler_config)
-        layouts, identities = {}, {}
         # group by identity count (one batch = one N), keep case order inside
         todo.sort(key=lambda j: len(j.case.identities))
         bar = tqdm(total=len(todo), desc="generate", unit="img", disable=args.no_progress)
@@ -454,10 +459,6 @@ def run(args) -> int:
             n = len(todo[i].case.identities)
             batch = [j for j in todo[i:i + args.batch_size] if len(j.case.identities) == n]
             i += len(batch)
-            for j in batch:
-                if j.case.id not in layouts:
-                    layouts[j.case.id] = case_layout(j.case, args.width, args.height)
-                    identities[j.case.id] = encode_identities(analyzer, j.case)
             lat = gen.latents([j.case.prompt for j in batch], args.negative, [identities[j.case.id] for j in batch],
                               [layouts[j.case.id].masks for j in batch], [layouts[j.case.id].control for j in batch],
                               [j.seed for j in batch], args.steps, args.cfg)
