@@ -27,7 +27,6 @@ full-face projections) are refused with a message naming what the file looks lik
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -249,10 +248,6 @@ def load_faceid(path: str, plus_version: str = PLUS_VERSIONS[0]) -> FaceIDWeight
     name = os.path.basename(path)
     image_proj, ip = read_container(path)
     return validate(image_proj, ip, name, plus_version)
-
-
-def is_lora_file_name(name: str) -> bool:
-    return bool(re.search(r"_lora\.safetensors$", name.lower()))
 
 
 __all__ = ["FaceIDFileError", "FaceIDWeights", "load_faceid", "validate", "detect_variant", "read_container",
