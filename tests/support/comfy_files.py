@@ -26,14 +26,22 @@ MICRO_UNET = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_
               "use_temporal_resblock": False}
 
 
+def _norm_scales(module: torch.nn.Module) -> set:
+    """State-dict names of the scale of every normalisation layer, found by type (ResBlocks call theirs
+    ``in_layers.0``/``out_layers.0``: a name rule would zero them and make the UNet predict ε ≡ 0)."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, norms)}
+
+
 def _random_state(module: torch.nn.Module, seed: int, std: float = 0.02) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
+    scales = _norm_scales(module)
     for name, t in module.state_dict().items():
         if t.ndim > 1:
             v = torch.randn(t.shape, generator=g) * std
-        elif "norm" in name and name.endswith("weight") or name.endswith("ln_1.weight") or "layer_norm" in name \
-                and name.endswith("weight"):
+        elif name in scales or "norm" in name and name.endswith("weight") or name.endswith("ln_1.weight") \
+                or "layer_norm" in name and name.endswith("weight"):
             v = torch.ones(t.shape)
         elif t.dtype in (torch.long, torch.int64, torch.int32):
             v = torch.arange(t.numel()).reshape(t.shape) if "position_ids" in name else torch.zeros_like(t)
