@@ -48,16 +48,30 @@ class FaceIDRule(IdentityState):
         k, v = (both @ wk.T).reshape(2, n, t, -1), (both @ wv.T).reshape(2, n, t, -1)
         return k[0], v[0], k[1], v[1]
 
-    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
-        """``(1 or rows, h·w, N)``: w_n · m_n at each position of this block's feature map."""
-        row_masks = self.row_masks(extra_options, rows)
+    def prepare(self, call) -> None:
+        """Once per model call, outside any compiled region: the shared gate and latent check, this run's
+        keys/values of every block's FaceID processor, and the masks at every feature size."""
+        super().prepare(call)
+        like = torch.empty(0, device=call.device, dtype=call.dtype)
+        for key in {key for hook in call.hooks if self in hook.rules() for key in hook.modules}:
+            slot = slot_for_block(key)
+            if slot is not None:
+                self.cache.get(call.run, ("faceid-kv", slot.attn2, call.device, call.dtype),
+                               lambda: self._kv(slot.attn2, like))
+        for hw in call.feature_sizes:
+            self._region(call.run, None, hw)
 
+    def _region(self, run, row_masks: Optional[torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
         def build():
             small = resize_masks(self.masks if row_masks is None else row_masks, hw)
             small = small.unsqueeze(0) if small.ndim == 3 else small
             return small.flatten(-2).transpose(-1, -2) * self.weights
         key = ("faceid-region", hw, None if row_masks is None else id(row_masks))
-        return self.cache.get(extra_options.get("sample_sigmas"), key, build)
+        return self.cache.get(run, key, build)
+
+    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
+        """``(1 or rows, h·w, N)``: w_n · m_n at each position of this block's feature map."""
+        return self._region(extra_options.get("sample_sigmas"), self.row_masks(extra_options, rows), hw)
 
     def __call__(self, out, q, k, v, extra_options, **kwargs):
         block = extra_options["block"]

@@ -95,6 +95,9 @@ def spy_rule(state, seen):
     inner = state.attention
 
     class Spy:
+        def __getattr__(self, name):  # everything but the call is the real attention's
+            return getattr(inner, name)
+
         def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
             seen.append(tuple(feature_hw))
             return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
