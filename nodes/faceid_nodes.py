@@ -25,6 +25,7 @@ from . import paths
 from .convert import parse_weights
 from .face_nodes import CATEGORY, IDENTITIES
 from .faceid_patch import FaceIDRule, check_sd15_topology, install_faceid
+from .file_cache import FileCache
 from .model_nodes import check_sd15
 from .pose_nodes import check_masks
 
@@ -55,7 +56,7 @@ class FaceIDModel:
         return self.weights.name
 
 
-_LOADED: dict = {}
+_LOADED = FileCache(2)
 
 
 def _lora_files() -> list[str]:
@@ -66,9 +67,8 @@ def _lora_files() -> list[str]:
 
 
 def load_faceid_model(path: str, plus_version: str, lora_choice: str, lora_path: str | None = None) -> FaceIDModel:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, plus_version, lora_choice)
-    if key not in _LOADED:
+    """Load a FaceID file and its LoRA, cached (see :class:`.file_cache.FileCache`)."""
+    def load():
         weights = load_faceid(path, plus_version)
         if lora_choice == EMBEDDED_LORA:
             lora = weights.lora_state_dict()
@@ -88,10 +88,8 @@ def load_faceid_model(path: str, plus_version: str, lora_choice: str, lora_path:
         if not lora and weights.variant != "portrait":
             logger.warning("%s: FaceID/Plus were trained with their LoRA at strength 1.0; running without it",
                            weights.name)
-        for k in [k for k in _LOADED if k[0] == key[0]]:
-            del _LOADED[k]
-        _LOADED[key] = FaceIDModel(weights, lora, "" if not lora else lora_choice)
-    return _LOADED[key]
+        return FaceIDModel(weights, lora, "" if not lora else lora_choice)
+    return _LOADED.get(path, (plus_version, lora_choice), load)
 
 
 class FaceIDLoader:

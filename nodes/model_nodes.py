@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import folder_paths
@@ -21,6 +19,7 @@ from . import paths
 from .controlnet import InstantFamilyControlNet, build_controlnet
 from .convert import parse_weights
 from .face_nodes import CATEGORY, IDENTITIES
+from .file_cache import FileCache
 from .patch import InstantFamilyAttention, patch_model
 from .pose_nodes import check_masks
 
@@ -37,39 +36,24 @@ class InstantFamilyModel:
 
 
 LOADED_CACHE_SIZE = 2
-"""How many InstantFamily checkpoints stay loaded here (least recently used first out). ComfyUI's own node cache
-keeps the loader's output while a workflow uses it; this cache only spares a reload when workflows alternate."""
+"""How many InstantFamily checkpoints stay loaded here (least recently used first out)."""
 
-_LOADED: "OrderedDict[tuple, InstantFamilyModel]" = OrderedDict()
-_LOADED_LOCK = threading.Lock()
+_LOADED = FileCache(LOADED_CACHE_SIZE)
 
 
 def load_instantfamily(path: str) -> InstantFamilyModel:
-    """Load an InstantFamily checkpoint for ComfyUI, cached by path + mtime + size in a bounded LRU
-    (:data:`LOADED_CACHE_SIZE` entries; a changed file replaces its old entry)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    with _LOADED_LOCK:
-        if key in _LOADED:
-            _LOADED.move_to_end(key)
-            return _LOADED[key]
-    ck = load_checkpoint(path)
-    name = os.path.basename(path)
-    cn = build_controlnet(ck.controlnet, ck.meta.controlnet_layout, ck.meta.controlnet_config, name)
-    model = InstantFamilyModel(ck.projector, cn, ck.meta, name)
-    with _LOADED_LOCK:
-        for k in [k for k in _LOADED if k[0] == key[0]]:
-            del _LOADED[k]
-        _LOADED[key] = model
-        while len(_LOADED) > LOADED_CACHE_SIZE:
-            _LOADED.popitem(last=False)
-    return model
+    """Load an InstantFamily checkpoint for ComfyUI, cached (see :class:`.file_cache.FileCache`)."""
+    def load():
+        ck = load_checkpoint(path)
+        name = os.path.basename(path)
+        cn = build_controlnet(ck.controlnet, ck.meta.controlnet_layout, ck.meta.controlnet_config, name)
+        return InstantFamilyModel(ck.projector, cn, ck.meta, name)
+    return _LOADED.get(path, (), load)
 
 
 def loaded_cache_info() -> list[str]:
     """Paths of the checkpoints held by the loader cache, least recently used first (for tests and debugging)."""
-    with _LOADED_LOCK:
-        return [k[0] for k in _LOADED]
+    return _LOADED.paths()
 
 
 class InstantFamilyLoader:
