@@ -15,19 +15,17 @@ import folder_paths
 import torch
 from comfy.utils import ProgressBar
 
-from instantfamily_core.errors import EmbeddingError, IdentityCountError, ModelFileError
+from instantfamily_core.errors import EmbeddingError, ModelFileError
 from instantfamily_core.faceid import (PLUS_VERSIONS, FaceIDProjection, FaceIDWeights, load_faceid, pad_people,
                                        person_tokens)
 from instantfamily_core.faceid.files import EXTENSIONS, FaceIDFileError
 from instantfamily_core.identity import is_skipped, skipped_slots
 
 from . import paths
-from .convert import parse_weights
 from .face_nodes import CATEGORY, IDENTITIES
 from .faceid_patch import FaceIDRule, check_sd15_topology, install_faceid
 from .file_cache import FileCache
-from .model_nodes import check_sd15
-from .pose_nodes import check_masks
+from .model_nodes import check_apply_inputs, check_sd15
 
 logger = logging.getLogger("InstantFamily")
 
@@ -179,13 +177,7 @@ class ApplyFaceID:
               s_scale, clip_vision=None):
         check_sd15(model)
         check_sd15_topology(model)
-        n = len(identities or [])
-        if n == 0:
-            raise IdentityCountError("identities: the list is empty; encode at least one identity")
-        if start_at > end_at:
-            raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
-        masks = check_masks(masks, n)
-        weights = [weight * w for w in parse_weights(identity_weights, n)]
+        n, masks, weights = check_apply_inputs(identities, masks, weight, identity_weights, start_at, end_at)
         variant = faceid.weights.variant
         # a skipped identity (on_no_face = skip) keeps its slot but acts nowhere: empty mask, weight 0
         skipped = skipped_slots(identities)

@@ -56,6 +56,17 @@ def loaded_cache_info() -> list[str]:
     return _LOADED.paths()
 
 
+def check_apply_inputs(identities, masks, weight: float, identity_weights: str, start_at: float, end_at: float):
+    """What both apply nodes check first: at least one identity, start before end, one mask per identity, the
+    weights. Returns ``(n, masks, weights)`` with each identity's weight times the global one."""
+    n = len(identities or [])
+    if n == 0:
+        raise IdentityCountError("identities: the list is empty; encode at least one identity")
+    if start_at > end_at:
+        raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
+    return n, check_masks(masks, n), [weight * w for w in parse_weights(identity_weights, n)]
+
+
 class InstantFamilyLoader:
     DESCRIPTION = "Loads an InstantFamily checkpoint (projector + pose ControlNet) from models/instantfamily/."
     CATEGORY = CATEGORY
@@ -126,13 +137,7 @@ class ApplyInstantFamily:
     def apply(self, model, instantfamily, identities, pose_image, masks, positive, negative, weight,
               identity_weights, controlnet_strength, start_at, end_at, mask_mode):
         check_sd15(model)
-        n = len(identities or [])
-        if n == 0:
-            raise IdentityCountError("identities: the list is empty; encode at least one identity")
-        if start_at > end_at:
-            raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
-        masks = check_masks(masks, n)
-        weights = [weight * w for w in parse_weights(identity_weights, n)]
+        n, masks, weights = check_apply_inputs(identities, masks, weight, identity_weights, start_at, end_at)
         # A skipped identity (on_no_face = skip) keeps its slot but acts nowhere: weight 0 and an empty mask
         # exclude its keys in either mask mode; its tokens are the null tokens, never attended.
         skipped = skipped_slots(identities)
