@@ -25,7 +25,7 @@ _NODES = {
     "InstantFamilySaveIdentities": (SaveIdentities, "InstantFamily Save Identities"),
     "InstantFamilyLoadIdentities": (LoadIdentities, "InstantFamily Load Identities"),
     "InstantFamilyPoseToMasks": (PoseToMasks, "InstantFamily Pose to Masks"),
-    "InstantFamilyPoseFromImage": (PoseFromImage, "InstantFamily Pose from Image (controlnet-aux)"),
+    "InstantFamilyPoseFromImage": (PoseFromImage, "InstantFamily Pose from Image"),
     "InstantFamilyLoader": (InstantFamilyLoader, "InstantFamily Loader"),
     "ApplyInstantFamily": (ApplyInstantFamily, "Apply InstantFamily"),
     "InstantFamilyFaceIDLoader": (FaceIDLoader, "InstantFamily FaceID Loader (public weights)"),

@@ -6,6 +6,7 @@ import logging
 import os
 
 import folder_paths
+import comfy.model_management
 from comfy.utils import ProgressBar
 
 from instantfamily_core.errors import EmbeddingError, NoFaceError
@@ -26,14 +27,19 @@ class FaceAnalysisLoader:
                    "recognizer). Loaded once and reused; face analysis runs on the chosen onnxruntime provider.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (FACE_ANALYSIS,)
+    OUTPUT_TOOLTIPS = ("the loaded face detector + recogniser; connect to Encode Identity (and Pose from Image, "
+                       "'faces' method)",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "pack": (paths.face_packs(), {"tooltip": "folder under models/insightface/models/"}),
-            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
-            "det_size": ("INT", {"default": 640, "min": 192, "max": 1280, "step": 64}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto", "tooltip": (
+                "onnxruntime execution provider; auto = CUDA when available, else CPU")}),
+            "det_size": ("INT", {"default": 640, "min": 192, "max": 1280, "step": 64, "tooltip": (
+                "side of the square the detector runs at; 640 = insightface's default, larger finds smaller "
+                "faces but is slower")}),
         }}
 
     def load(self, pack, provider, det_size):
@@ -48,14 +54,16 @@ class EncodeIdentity:
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITIES,)
     RETURN_NAMES = ("identities",)
+    OUTPUT_TOOLTIPS = ("the incoming identities with this person appended (list order = slot order)",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "face_analysis": (FACE_ANALYSIS,),
+            "face_analysis": (FACE_ANALYSIS, {"tooltip": "from InstantFamily Face Analysis Loader"}),
             "image": ("IMAGE", {"tooltip": "one or more photos of the same person"}),
-            "name": ("STRING", {"default": "person"}),
+            "name": ("STRING", {"default": "person", "tooltip": "a label for this person (shown in logs, "
+                                                                "previews and error messages)"}),
             "on_no_face": (["error", "skip"], {"default": "error",
                                                "tooltip": "skip: images without a face are left out; if none has "
                                                           "one, the list gets a 'skipped' entry that keeps this "
@@ -68,6 +76,7 @@ class EncodeIdentity:
         bar = ProgressBar(len(images))
         encoded = []
         for k, img in enumerate(images):
+            comfy.model_management.throw_exception_if_processing_interrupted()
             try:
                 one = face_analysis.encode([img], name=name, on_no_face=on_no_face)
             except NoFaceError:
@@ -92,12 +101,14 @@ class CombineIdentities:
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITIES,)
     RETURN_NAMES = ("identities",)
+    OUTPUT_TOOLTIPS = ("identities_1, then identities_2, … in that order",)
     FUNCTION = "combine"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"identities_1": (IDENTITIES,)},
-                "optional": {f"identities_{i}": (IDENTITIES,) for i in range(2, 9)}}
+        return {"required": {"identities_1": (IDENTITIES, {"tooltip": "the first identities (first slots)"})},
+                "optional": {f"identities_{i}": (IDENTITIES, {"tooltip": f"appended after identities_{i - 1}"})
+                             for i in range(2, 9)}}
 
     def combine(self, **lists):
         out = []
@@ -110,12 +121,18 @@ class SaveIdentities:
     DESCRIPTION = "Saves encoded identities to models/instantfamily/identities/<filename>.safetensors."
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
+    OUTPUT_TOOLTIPS = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"identities": (IDENTITIES,), "filename": ("STRING", {"default": "family"})}}
+        return {"required": {
+            "identities": (IDENTITIES, {"tooltip": "the identities to save (from Encode/Combine Identities)"}),
+            "filename": ("STRING", {"default": "family", "tooltip": (
+                "file name in models/instantfamily/identities/ (.safetensors is added); an existing file is "
+                "replaced")}),
+        }}
 
     def save(self, identities, filename):
         base = os.path.basename(filename.strip())
@@ -134,11 +151,13 @@ class LoadIdentities:
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITIES,)
     RETURN_NAMES = ("identities",)
+    OUTPUT_TOOLTIPS = ("the saved identities, in their saved order",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"file": (folder_paths.get_filename_list(paths.IDENTITIES),)}}
+        return {"required": {"file": (folder_paths.get_filename_list(paths.IDENTITIES), {
+            "tooltip": "a file saved by Save Identities in models/instantfamily/identities/"})}}
 
     def load(self, file):
         return (load_identities(folder_paths.get_full_path_or_raise(paths.IDENTITIES, file)),)

@@ -13,6 +13,7 @@ import os
 
 import folder_paths
 import torch
+import comfy.model_management
 from comfy.utils import ProgressBar
 
 from instantfamily_core.errors import EmbeddingError, ModelFileError
@@ -100,6 +101,7 @@ class FaceIDLoader:
     CATEGORY = CATEGORY
     RETURN_TYPES = (FACEID,)
     RETURN_NAMES = ("faceid",)
+    OUTPUT_TOOLTIPS = ("the FaceID projection, attention weights and LoRA; connect to Apply InstantFamily FaceID",)
     FUNCTION = "load"
 
     @classmethod
@@ -151,6 +153,8 @@ class ApplyFaceID:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("a patched copy of the model (FaceID LoRA + masked FaceID attention); connect to the "
+                       "KSampler",)
     FUNCTION = "apply"
 
     @classmethod
@@ -165,8 +169,10 @@ class ApplyFaceID:
             "identity_weights": ("STRING", {"default": "", "tooltip": "per identity, e.g. '1.0, 0.8'; empty = 1"}),
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05, "tooltip": (
                 "strength of the FaceID LoRA on the UNet (trained at 1.0); never applied to ControlNets")}),
-            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "fraction of the sampling at which the identities start acting (0 = first step)")}),
+            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "fraction of the sampling at which they stop acting (1 = last step)")}),
             "s_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip": (
                 "Plus v2 only: weight of the CLIP (perceiver) part, x + s_scale·perceiver")}),
         }, "optional": {
@@ -199,6 +205,7 @@ class ApplyFaceID:
         zero = _clip_zero(clip_vision) if faceid.weights.is_plus else None
         tokens, uncond = [], []
         for ident in identities:
+            comfy.model_management.throw_exception_if_processing_interrupted()
             if is_skipped(ident):
                 tokens.append(None)
                 uncond.append(None)

@@ -71,11 +71,13 @@ class InstantFamilyLoader:
     DESCRIPTION = "Loads an InstantFamily checkpoint (projector + pose ControlNet) from models/instantfamily/."
     CATEGORY = CATEGORY
     RETURN_TYPES = (INSTANTFAMILY,)
+    OUTPUT_TOOLTIPS = ("the identity projector and the pose ControlNet; connect to Apply InstantFamily",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"checkpoint": (folder_paths.get_filename_list(paths.CHECKPOINTS),)}}
+        return {"required": {"checkpoint": (folder_paths.get_filename_list(paths.CHECKPOINTS), {
+            "tooltip": "an InstantFamily checkpoint in models/instantfamily/"})}}
 
     def load(self, checkpoint):
         return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS, checkpoint)),)
@@ -113,23 +115,30 @@ class ApplyInstantFamily:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("model", "positive", "negative")
+    OUTPUT_TOOLTIPS = ("a patched copy of the model (masked identity attention); connect to the KSampler",
+                       "the positive conditioning with the InstantFamily ControlNet attached",
+                       "the negative conditioning with the InstantFamily ControlNet attached")
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "instantfamily": (INSTANTFAMILY,),
-            "identities": (IDENTITIES,),
-            "pose_image": ("IMAGE",),
-            "masks": ("MASK",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05}),
+            "model": ("MODEL", {"tooltip": "an SD1.5 model"}),
+            "instantfamily": (INSTANTFAMILY, {"tooltip": "from InstantFamily Loader"}),
+            "identities": (IDENTITIES, {"tooltip": "from Encode/Combine Identities; list order = slot order"}),
+            "pose_image": ("IMAGE", {"tooltip": "the pose_image output of Pose to Masks (slot circles style)"}),
+            "masks": ("MASK", {"tooltip": "the masks output of Pose to Masks: one face mask per identity"}),
+            "positive": ("CONDITIONING", {"tooltip": "the positive prompt"}),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt"}),
+            "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip": (
+                "strength of every identity (multiplies identity_weights); 1.0 = as trained")}),
             "identity_weights": ("STRING", {"default": "", "tooltip": "per identity, e.g. '1.0, 0.8'; empty = 1"}),
-            "controlnet_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05}),
-            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "controlnet_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": (
+                "strength of the pose ControlNet; 0 = no ControlNet (identity attention only)")}),
+            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "fraction of the sampling at which identities and ControlNet start acting (0 = first step)")}),
+            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "fraction of the sampling at which they stop acting (1 = last step)")}),
             "mask_mode": (["checkpoint"] + list(MODES), {"default": "checkpoint",
                                                          "tooltip": "checkpoint = the mode it was trained with"}),
         }}

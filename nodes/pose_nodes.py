@@ -6,8 +6,11 @@ import json
 import logging
 import os
 
+import comfy.model_management
 import folder_paths
 import torch
+from comfy.utils import ProgressBar
+from nodes import MAX_RESOLUTION  # ComfyUI's nodes.py (this package is <pack>.nodes, never the top-level name)
 
 from instantfamily_core.errors import MaskError, ModelFileError, PoseError
 from instantfamily_core.identity import skipped_slots
@@ -50,16 +53,24 @@ class PoseToMasks:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
     RETURN_NAMES = ("pose_image", "masks", "preview")
+    OUTPUT_TOOLTIPS = ("the control image for the ControlNet (InstantFamily: skeletons + one circle per slot; "
+                       "or stock OpenPose style)",
+                       "one face mask per identity (N, height, width), in slot order",
+                       "the control image with masks and slot numbers drawn on, to check the assignment")
     FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "identities": (IDENTITIES,),
-            "template": ([NO_TEMPLATE] + template_names(), {"default": NO_TEMPLATE}),
-            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-            "margin": ("FLOAT", {"default": DEFAULT_MARGIN, "min": 0.0, "max": 2.0, "step": 0.05}),
+            "identities": (IDENTITIES, {"tooltip": "from Encode/Combine Identities; list order = slot order"}),
+            "template": ([NO_TEMPLATE] + template_names(), {"default": NO_TEMPLATE, "tooltip": (
+                "a bundled pose from pose_templates/, used when no pose_keypoint is connected")}),
+            "width": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8, "tooltip": (
+                "width of the control image and masks; use the width of the generated image")}),
+            "height": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8, "tooltip": (
+                "height of the control image and masks; use the height of the generated image")}),
+            "margin": ("FLOAT", {"default": DEFAULT_MARGIN, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": (
+                "how much each face box grows on every side for its mask (0.25 = the paper's 25%)")}),
             "identity_order": ("STRING", {"default": "auto",
                                           "tooltip": "'auto' = left to right, or person indices like '2,0,1'"}),
         }, "optional": {
@@ -132,13 +143,18 @@ class PoseFromImage:
                    "keypoints of every detected face.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("POSE_KEYPOINT",)
+    OUTPUT_TOOLTIPS = ("OpenPose-format keypoints, one frame per input image; connect to Pose to Masks",)
     FUNCTION = "detect"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",),
-                             "method": ([OPENPOSE_METHOD, FACES_METHOD], {"default": OPENPOSE_METHOD}),
-                             "include_face": ("BOOLEAN", {"default": True})},
+        return {"required": {"image": ("IMAGE", {"tooltip": "the photo(s) to read the people's poses from"}),
+                             "method": ([OPENPOSE_METHOD, FACES_METHOD], {"default": OPENPOSE_METHOD, "tooltip": (
+                                 "openpose: full body via controlnet-aux (optional package + weights in "
+                                 "models/openpose); faces: head and neck points from the face analysis only")}),
+                             "include_face": ("BOOLEAN", {"default": True, "tooltip": (
+                                 "openpose method: also detect face landmarks (drawn by the OpenPose control "
+                                 "style); ignored by the faces method")})},
                 "optional": {"face_analysis": (FACE_ANALYSIS, {"tooltip": "required by the 'faces' method"})}}
 
     def detect(self, image, method, include_face, face_analysis=None):
@@ -147,13 +163,18 @@ class PoseFromImage:
             if face_analysis is None:
                 raise ModelFileError("face_analysis: the 'faces' method needs a face analysis input "
                                      "(InstantFamily Face Analysis Loader)")
-            return ([pose_from_faces([(f.bbox, f.kps) for f in face_analysis.detect(img, name=f"image {i}")],
-                                     img.shape[1], img.shape[0]) for i, img in enumerate(images)],)
-        detector = _openpose_detector()
+            detect = (lambda i, img: pose_from_faces([(f.bbox, f.kps) for f in face_analysis.detect(
+                img, name=f"image {i}")], img.shape[1], img.shape[0]))
+        else:
+            detector = _openpose_detector()
+            detect = (lambda i, img: poses_from_controlnet_aux(detector.detect_poses(
+                img, include_hand=False, include_face=include_face), img.shape[1], img.shape[0]))
+        bar = ProgressBar(len(images))
         frames = []
-        for img in images:
-            poses = detector.detect_poses(img, include_hand=False, include_face=include_face)
-            frames.append(poses_from_controlnet_aux(poses, img.shape[1], img.shape[0]))
+        for i, img in enumerate(images):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            frames.append(detect(i, img))
+            bar.update(1)
         return (frames,)
 
 

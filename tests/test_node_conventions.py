@@ -1,0 +1,78 @@
+"""Every node of the pack follows ComfyUI core's conventions (V1 API), checked on the classes the real host
+registered: a tooltip on every input, one OUTPUT_TOOLTIPS entry per output, CATEGORY and DESCRIPTION set, and
+image sizes bounded by the host's own ``nodes.MAX_RESOLUTION``."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+
+pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+
+
+@pytest.fixture(scope="module")
+def host():
+    from support.comfy_host import import_host, load_pack
+    nodes = import_host()
+    return nodes, load_pack()
+
+
+def _inputs(cls):
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            yield section, name, entry
+
+
+def test_pack_registers_nodes(host):
+    nodes, pack = host
+    assert len(pack.NODE_CLASS_MAPPINGS) >= 12
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert nodes.NODE_CLASS_MAPPINGS[key] is cls
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[key] == pack.NODE_DISPLAY_NAME_MAPPINGS[key]
+
+
+def test_every_input_has_a_tooltip(host):
+    _, pack = host
+    missing = []
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        for section, name, entry in _inputs(cls):
+            opts = entry[1] if len(entry) > 1 else {}
+            tip = opts.get("tooltip") if isinstance(opts, dict) else None
+            if not (isinstance(tip, str) and tip.strip()):
+                missing.append(f"{key}.{section}.{name}")
+    assert not missing, f"inputs without a tooltip: {missing}"
+
+
+def test_every_output_has_a_tooltip_and_nodes_are_described(host):
+    _, pack = host
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        tips = getattr(cls, "OUTPUT_TOOLTIPS", None)
+        assert isinstance(tips, tuple), f"{key}: OUTPUT_TOOLTIPS must be a tuple, got {tips!r}"
+        assert len(tips) == len(cls.RETURN_TYPES), f"{key}: {len(tips)} output tooltips for {len(cls.RETURN_TYPES)} outputs"
+        assert all(isinstance(t, str) and t.strip() for t in tips), f"{key}: empty output tooltip in {tips!r}"
+        if hasattr(cls, "RETURN_NAMES"):
+            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), key
+        assert cls.CATEGORY == "InstantFamily", key
+        assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20, key
+        assert callable(getattr(cls, cls.FUNCTION)), key
+
+
+def test_sizes_use_the_hosts_max_resolution(host):
+    nodes, pack = host
+    cls = pack.NODE_CLASS_MAPPINGS["InstantFamilyPoseToMasks"]
+    required = cls.INPUT_TYPES()["required"]
+    for name in ("width", "height"):
+        assert required[name][1]["max"] == nodes.MAX_RESOLUTION, name
+    assert sys.modules["nodes"] is nodes  # the module the pack imported MAX_RESOLUTION from is ComfyUI's
+
+
+def test_pose_from_image_display_name_names_no_single_method(host):
+    _, pack = host
+    name = pack.NODE_DISPLAY_NAME_MAPPINGS["InstantFamilyPoseFromImage"]
+    assert name == "InstantFamily Pose from Image"
+    methods = pack.NODE_CLASS_MAPPINGS["InstantFamilyPoseFromImage"].INPUT_TYPES()["required"]["method"][0]
+    assert any("openpose" in m for m in methods) and any("faces" in m for m in methods)
