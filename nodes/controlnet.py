@@ -5,6 +5,11 @@ cldm.ControlNet.forward), so attention patches never reach it. :class:`MaskedCon
 ControlNet whose forward passes ``transformer_options`` to every block, and :class:`InstantFamilyControlNet`
 hands it the apply node's hooks on each call. Both live only on the objects this pack creates: other graphs and
 other ControlNets are untouched, and the object chains with ControlNets applied before or after it.
+
+MaskedControlNetModel.forward mirrors ``comfy/cldm/cldm.py`` ControlNet.forward of ComfyUI 0.3.64 (signature
+``(self, x, hint, timesteps, context, y=None, **kwargs)``), minus its union-ControlNet path, which this pack never
+builds. tests/test_controlnet_upstream.py pins that upstream method (signature, the blocks it uses, a hash of its
+source) and fails when a ComfyUI update changes it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ DIFFUSERS_HINT_CHANNELS = [16, 32, 96, 256]  # what cldm's input_hint_block is b
 
 
 class MaskedControlNetModel(comfy.cldm.cldm.ControlNet):
-    """cldm ControlNet whose blocks receive ``transformer_options`` (and with them the attn2 hooks)."""
+    """cldm ControlNet whose blocks receive ``transformer_options`` (and with them the attn2 hooks).
+
+    ``forward`` mirrors ComfyUI 0.3.64's ``comfy.cldm.cldm.ControlNet.forward``; without ``transformer_options``
+    it is that method."""
 
     def forward(self, x, hint, timesteps, context, y=None, transformer_options=None, **kwargs):
         if transformer_options is None:
