@@ -76,3 +76,70 @@ def test_pose_from_image_display_name_names_no_single_method(host):
     assert name == "InstantFamily Pose from Image"
     methods = pack.NODE_CLASS_MAPPINGS["InstantFamilyPoseFromImage"].INPUT_TYPES()["required"]["method"][0]
     assert any("openpose" in m for m in methods) and any("faces" in m for m in methods)
+
+
+@pytest.fixture
+def progress(host):
+    """Records ComfyUI ProgressBar updates (value, total) through the host's global hook."""
+    import comfy.utils
+    seen = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    yield seen
+    comfy.utils.set_progress_bar_global_hook(old)
+
+
+@pytest.fixture
+def interrupted(host):
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)
+    yield mm.InterruptProcessingException
+    mm.interrupt_current_processing(False)
+
+
+def _pose_nodes(pack, monkeypatch, people=1):
+    from support.controlnet_aux_shapes import FakeOpenposeDetector, pose_result
+    pn = sys.modules[f"{pack.__name__}.nodes.pose_nodes"]
+    fake = FakeOpenposeDetector([pose_result({0: (60, 50), 1: (60, 90), 14: (55, 45), 15: (65, 45)}, None, 128, 128)
+                                 for _ in range(people)])
+    monkeypatch.setattr(pn, "_openpose_detector", lambda: fake)
+    return pn, fake
+
+
+def test_pose_from_image_reports_progress_per_image(host, monkeypatch, progress):
+    import torch
+    _, pack = host
+    pn, fake = _pose_nodes(pack, monkeypatch)
+    (frames,) = pn.PoseFromImage().detect(torch.zeros(3, 128, 128, 3), pn.OPENPOSE_METHOD, False)
+    assert len(frames) == len(fake.images) == 3
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_pose_from_image_stops_when_interrupted(host, monkeypatch, interrupted):
+    import torch
+    _, pack = host
+    pn, fake = _pose_nodes(pack, monkeypatch)
+    with pytest.raises(interrupted):
+        pn.PoseFromImage().detect(torch.zeros(3, 128, 128, 3), pn.OPENPOSE_METHOD, False)
+    assert fake.images == []  # checked before the first image
+
+
+def test_encode_identity_reports_progress_and_stops_when_interrupted(host, tmp_path_factory, progress):
+    import comfy.model_management as mm
+    import torch
+    from instantfamily_core.faces import FaceAnalyzer
+    from support.face_models import draw_faces, session_tiny_root
+    _, pack = host
+    fn = sys.modules[f"{pack.__name__}.nodes.face_nodes"]
+    fa = FaceAnalyzer(session_tiny_root(tmp_path_factory), "tinypack", provider="CPU", det_size=256)
+    img = torch.from_numpy(draw_faces((256, 256), [(128, 128)], [(0, 200, 0)])).float().div(255)
+    (ids,) = fn.EncodeIdentity().encode(fa, torch.stack([img, img]), "a", "error")
+    assert len(ids) == 1 and ids[0].num_images == 2
+    assert progress == [(1, 2), (2, 2)]
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            fn.EncodeIdentity().encode(fa, torch.stack([img, img]), "a", "error")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert progress == [(1, 2), (2, 2)]  # no image was encoded after the interrupt
