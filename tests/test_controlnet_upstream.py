@@ -63,8 +63,8 @@ def test_upstream_forward_signature_is_the_mirrored_one(host):
 def test_upstream_forward_uses_the_mirrored_blocks(host):
     cldm, _ = host
     used = _self_attributes(cldm.ControlNet.forward)
-    assert used == UPSTREAM_SELF_ATTRIBUTES, (f"upstream forward now also uses {sorted(used - UPSTREAM_SELF_ATTRIBUTES)}"
-                                              f" and no longer {sorted(UPSTREAM_SELF_ATTRIBUTES - used)}. {RECHECK}")
+    added, gone = sorted(used - UPSTREAM_SELF_ATTRIBUTES), sorted(UPSTREAM_SELF_ATTRIBUTES - used)
+    assert used == UPSTREAM_SELF_ATTRIBUTES, f"upstream forward now also uses {added} and no longer {gone}. {RECHECK}"
 
 
 def test_upstream_forward_source_is_the_mirrored_one(host):

@@ -52,7 +52,8 @@ def test_every_output_has_a_tooltip_and_nodes_are_described(host):
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
         tips = getattr(cls, "OUTPUT_TOOLTIPS", None)
         assert isinstance(tips, tuple), f"{key}: OUTPUT_TOOLTIPS must be a tuple, got {tips!r}"
-        assert len(tips) == len(cls.RETURN_TYPES), f"{key}: {len(tips)} output tooltips for {len(cls.RETURN_TYPES)} outputs"
+        assert len(tips) == len(cls.RETURN_TYPES), \
+            f"{key}: {len(tips)} output tooltips for {len(cls.RETURN_TYPES)} outputs"
         assert all(isinstance(t, str) and t.strip() for t in tips), f"{key}: empty output tooltip in {tips!r}"
         if hasattr(cls, "RETURN_NAMES"):
             assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), key
