@@ -13,7 +13,7 @@ import os
 
 import folder_paths
 import torch
-import comfy.model_management
+from comfy.model_management import throw_exception_if_processing_interrupted
 from comfy.utils import ProgressBar
 
 from instantfamily_core.errors import EmbeddingError, ModelFileError
@@ -205,7 +205,7 @@ class ApplyFaceID:
         zero = _clip_zero(clip_vision) if faceid.weights.is_plus else None
         tokens, uncond = [], []
         for ident in identities:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            throw_exception_if_processing_interrupted()
             if is_skipped(ident):
                 tokens.append(None)
                 uncond.append(None)
