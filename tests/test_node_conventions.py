@@ -144,3 +144,29 @@ def test_encode_identity_reports_progress_and_stops_when_interrupted(host, tmp_p
     finally:
         mm.interrupt_current_processing(False)
     assert progress == [(1, 2), (2, 2)]  # no image was encoded after the interrupt
+
+
+def test_apply_faceid_reports_progress_per_identity_and_stops_when_interrupted(host, tmp_path, progress):
+    import comfy.model_management as mm
+    import torch
+    from support import faceid_files as ff
+    from support.identities import random_identities
+    _, pack = host
+    fn = sys.modules[f"{pack.__name__}.nodes.faceid_nodes"]
+    path = tmp_path / "ip-adapter-faceid_sd15.bin"
+    ff.write_bin(path, ff.faceid_parts("faceid"))
+    faceid = fn.load_faceid_model(str(path), "auto (file name)", fn.EMBEDDED_LORA)
+    model = ff.meta_sd15()
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :32] = 1
+    masks[1, :, 32:] = 1
+    args = (model, faceid, random_identities(2, 0, face_pack="buffalo_l"), masks, 1.0, "", 0.0, 0.0, 1.0, 1.0)
+    fn.ApplyFaceID().apply(*args)
+    assert progress == [(1, 2), (2, 2)]
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            fn.ApplyFaceID().apply(*args)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert progress == [(1, 2), (2, 2)]
