@@ -83,12 +83,14 @@ def comfyui_version(root: Path) -> Optional[str]:
 
 
 def find_comfyui(explicit: Optional[str] = None, pack_root: Optional[Path] = None) -> tuple[Optional[Path], list[str]]:
-    """The ComfyUI folder and the places tried: ``explicit``, ``$COMFYUI_PATH``, the pack's ``custom_nodes``
-    parent, ``~/comfy/ComfyUI``."""
+    """The ComfyUI folder and the places tried: ``explicit`` alone when given (a wrong explicit folder is reported,
+    never replaced by another install), else ``$COMFYUI_PATH``, the pack's ``custom_nodes`` parent,
+    ``~/comfy/ComfyUI``."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        return (path.resolve() if is_comfyui(path) else None), [str(path)]
     tried = []
     cands = []
-    if explicit:
-        cands.append(Path(explicit).expanduser())
     if os.environ.get("COMFYUI_PATH"):
         cands.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
     if pack_root is not None and pack_root.parent.name == "custom_nodes":

@@ -269,7 +269,7 @@ def test_torch_that_does_not_import():
     assert row.status == d.FAIL and "libtorch_cuda.so" in row.detail and "never installs torch" in row.fix
 
 
-def test_nothing_to_generate_with(good, tmp_path, capsys):
+def test_nothing_to_generate_with(good, tmp_path, capsys, monkeypatch):
     comfy = tmp_path / "ComfyUI"
     shutil.copytree(good, comfy, symlinks=True)
     shutil.rmtree(comfy / "models" / "instantfamily")
@@ -284,6 +284,7 @@ def test_nothing_to_generate_with(good, tmp_path, capsys):
     rc, out = _cli(["--comfyui", str(comfy), "--quiet", "--json"], capsys)
     row = next(r for r in json.loads(out)["rows"] if r["name"] == "mode: public weights (FaceID)")
     assert rc == 0 and row["status"] == "warn" and row["detail"] == "ready" and "buffalo_l" in row["fix"]
+    monkeypatch.setenv("COMFYUI_PATH", str(comfy))  # a wrong explicit folder is reported, never replaced
     rc, out = _cli(["--comfyui", str(tmp_path / "nowhere"), "--quiet"], capsys)
     assert rc == 1 and "ComfyUI" in out and "not found" in out
 

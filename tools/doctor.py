@@ -41,8 +41,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     doctor = load_doctor()
     root, tried = doctor.find_comfyui(args.comfyui, ROOT)
-    if args.comfyui and root is None:
-        tried = [args.comfyui]
     loc = doctor.locations_for(root)
     progress = None if args.quiet else (lambda name: print(f"checking {name} …", file=sys.stderr, flush=True))
     rows = doctor.run_checks(loc, tried, progress=progress)
