@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from support.workflow_format import load_twin, shrink as shrink_graph
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -59,22 +60,12 @@ def server(tmp_path_factory):
         yield srv
 
 
-def twin(name: str) -> dict:
-    with open(REPO / "workflows" / "api" / f"{name}.json") as f:
-        return json.load(f)
-
-
 def shrink(prompt: dict, height: int = 64) -> dict:
-    p = copy.deepcopy(prompt)
+    """The shared test-size graph; Pose from Image uses the offline faces method (controlnet-aux is optional)."""
+    p = shrink_graph(prompt, height)
     for node in p.values():
-        ins = node["inputs"]
-        if node["class_type"] in ("EmptyLatentImage", "InstantFamilyPoseToMasks"):
-            ins["width"] = max(64, 8 * round(ins["width"] * height / ins["height"] / 8))
-            ins["height"] = height
-        if node["class_type"] == "KSampler":
-            ins["steps"] = 2
-        if node["class_type"] == "InstantFamilyPoseFromImage":  # controlnet-aux and its weights are optional
-            ins["method"] = "faces (insightface)"
+        if node["class_type"] == "InstantFamilyPoseFromImage":
+            node["inputs"]["method"] = "faces (insightface)"
     return p
 
 
@@ -100,8 +91,8 @@ def test_faceid_workflows_agree_with_object_info_and_are_templates(server):
     assert set(FACEID_WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
     for name in FACEID_WORKFLOWS:
         with open(REPO / "workflows" / f"{name}.json") as f:
-            assert ui_to_api(json.load(f), info) == twin(name), name
-        prompt = twin(name)
+            assert ui_to_api(json.load(f), info) == load_twin(name), name
+        prompt = load_twin(name)
         for nid, node in prompt.items():
             for key, spec, required in input_specs(info[node["class_type"]]):
                 if required:
@@ -136,13 +127,13 @@ def saved_latent(srv, prefix: str):
 @pytest.mark.parametrize("name", RUN)
 def test_faceid_workflow_generates_an_image_and_the_identities_act(server, name):
     import torch
-    prompt = with_latent_output(shrink(twin(name)), f"{name}_on")
+    prompt = with_latent_output(shrink(load_twin(name)), f"{name}_on")
     saved_image(server, server.run(prompt))
     on = saved_latent(server, f"{name}_on")
     assert torch.isfinite(on).all()
     if name != RUN[0]:  # one comparison is enough (each full-size run costs minutes on a loaded 2-core box)
         return
-    off = with_latent_output(shrink(twin(name)), f"{name}_off")
+    off = with_latent_output(shrink(load_twin(name)), f"{name}_off")
     off[of_class(off, "ApplyInstantFamilyFaceID")[0]]["inputs"]["weight"] = 0.0
     saved_image(server, server.run(off))
     # the FaceID term changes the result (the LoRA is identical in both runs)
@@ -151,7 +142,7 @@ def test_faceid_workflow_generates_an_image_and_the_identities_act(server, name)
 
 def test_bad_faceid_inputs_are_node_errors(server, tmp_path):
     from support.comfy_server import execution_error
-    prompt = shrink(twin("faceid_2_people_pose_from_photo"))
+    prompt = shrink(load_twin("faceid_2_people_pose_from_photo"))
     bad = copy.deepcopy(prompt)
     bad[of_class(bad, "ApplyInstantFamilyFaceID")[0]]["inputs"]["identity_weights"] = "1, 2, 3"
     err = execution_error(server.run(bad))

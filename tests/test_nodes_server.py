@@ -6,7 +6,6 @@ UNet, an InstantFamily checkpoint, a tiny insightface pack named ``antelopev2`` 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from support.workflow_format import load_twin, shrink
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -61,22 +61,6 @@ def _write_wrong_schema(path: Path) -> None:
     save_file({"projector.x": torch.zeros(1)}, str(path), metadata={"format": "ipadapter"})
 
 
-def load_twin(name: str) -> dict:
-    with open(REPO / "workflows" / "api" / f"{name}.json") as f:
-        return json.load(f)
-
-
-def shrink(prompt: dict, height: int = 64) -> dict:
-    """The same graph at test size: small latent and pose canvas, two sampling steps."""
-    p = copy.deepcopy(prompt)
-    for node in p.values():
-        ins = node["inputs"]
-        if node["class_type"] in ("EmptyLatentImage", "InstantFamilyPoseToMasks"):
-            ins["width"] = max(64, 8 * round(ins["width"] * height / ins["height"] / 8))
-            ins["height"] = height
-        if node["class_type"] == "KSampler":
-            ins["steps"] = 2
-    return p
 
 
 def of_class(prompt: dict, cls: str) -> list[str]:

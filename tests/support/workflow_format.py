@@ -118,3 +118,25 @@ def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None)
                          "slot_index": i} for i, t in enumerate(outs)]
     return {"last_node_id": max(int(k) for k in prompt), "last_link_id": link_id, "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def load_twin(name: str) -> dict:
+    """The API-format twin ``workflows/api/<name>.json`` of a bundled workflow."""
+    import json
+    from pathlib import Path
+    with open(Path(__file__).resolve().parents[2] / "workflows" / "api" / f"{name}.json") as f:
+        return json.load(f)
+
+
+def shrink(prompt: dict, height: int = 64) -> dict:
+    """The same graph at test size: small latent and pose canvas, two sampling steps."""
+    import copy
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        ins = node["inputs"]
+        if node["class_type"] in ("EmptyLatentImage", "InstantFamilyPoseToMasks"):
+            ins["width"] = max(64, 8 * round(ins["width"] * height / ins["height"] / 8))
+            ins["height"] = height
+        if node["class_type"] == "KSampler":
+            ins["steps"] = 2
+    return p
