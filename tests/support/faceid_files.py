@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .sd15_layouts import FULL_UNET
+
 # hidden width of diffusers' attention processor p (attn1 = 2b, attn2 = 2b+1) for transformer block b in
 # processor order: down 0.0, 0.1, 1.0, 1.1, 2.0, 2.1, up 1.0-1.2, up 2.0-2.2, up 3.0-3.2, mid
 BLOCK_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
@@ -109,14 +111,8 @@ def kohya_lora(parts: tuple[dict, dict]) -> dict:
     return out
 
 
-SD15_UNET = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-             "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-             "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-             "use_temporal_attention": False, "use_temporal_resblock": False}
-"""SD1.5's real UNet configuration (ComfyUI's unet_config of v1-5-pruned)."""
+SD15_UNET = FULL_UNET
+"""SD1.5's real UNet configuration (ComfyUI's unet_config of v1-5-pruned), one definition for all fixtures."""
 
 
 def meta_sd15():
