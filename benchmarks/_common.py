@@ -245,3 +245,14 @@ def write_outputs(out_dir: Optional[str], stem: str, markdown: str, data: dict) 
     (d / f"{stem}.md").write_text(markdown + "\n", encoding="utf-8")
     (d / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\nwrote {d / (stem + '.md')} and {d / (stem + '.json')}")
+
+
+def model_spec(args, sizes: dict) -> tuple[str, dict]:
+    """The model size (``--size``; default full on cuda, reduced on cpu) and its settings, with any of
+    ``--channels/--heads/--latent/--steps/--repeats`` given on the command line put over them."""
+    size = args.size or ("full" if args.device == "cuda" else "reduced")
+    spec = dict(sizes[size])
+    for k in ("channels", "heads", "latent", "steps", "repeats"):
+        if getattr(args, k, None) is not None:
+            spec[k] = getattr(args, k)
+    return size, spec

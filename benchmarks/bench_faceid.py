@@ -75,11 +75,7 @@ def kv_weights(cfg: dict, seed: int = 7) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    size = args.size or ("full" if args.device == "cuda" else "reduced")
-    spec = dict(SIZES[size])
-    for k in ("channels", "heads", "latent", "steps", "repeats"):
-        if getattr(args, k) is not None:
-            spec[k] = getattr(args, k)
+    size, spec = C.model_spec(args, SIZES)
     counts = [int(x) for x in args.n.split(",") if x.strip()]
     nodes, mods = C.load_host(args.device)
     import torch

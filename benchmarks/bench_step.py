@@ -79,11 +79,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    size = args.size or ("full" if args.device == "cuda" else "reduced")
-    spec = dict(SIZES[size])
-    for k in ("channels", "heads", "latent", "steps", "repeats"):
-        if getattr(args, k) is not None:
-            spec[k] = getattr(args, k)
+    size, spec = C.model_spec(args, SIZES)
     counts = [int(x) for x in args.n.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
