@@ -47,3 +47,8 @@ class CheckpointError(InstantFamilyError):
 
 class BaseModelError(InstantFamilyError):
     """The diffusion model is not the family InstantFamily was trained for (SD1.5)."""
+
+
+class OptionError(InstantFamilyError):
+    """An option has a bad value (a range, a weight, a name, a file name or a count the user chose); the message
+    names the option and the values it accepts."""
