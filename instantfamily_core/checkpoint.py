@@ -33,6 +33,9 @@ FORMAT = "instantfamily"
 SCHEMA_VERSION = 1
 BASE_MODEL = "sd15"
 CONTROLNET_LAYOUTS = ("diffusers", "ldm")
+CONTROLNET_HINT_CHANNELS = (16, 32, 96, 256)
+"""Channels of the ControlNet hint encoder (cldm's ``input_hint_block``, diffusers' ``conditioning_embedding_out_channels``):
+the only ones ComfyUI's ControlNet builds, so the only ones a checkpoint may carry."""
 SLOT_PALETTE_VERSION = "v1"
 PROJECTOR_LIMITS = {"global_dim": 8192, "local_dim": 8192, "grid": 64, "token_dim": 8192, "hidden_dim": 16384}
 """Upper bounds of the projector sizes a checkpoint may declare (a bad header never allocates gigabytes)."""

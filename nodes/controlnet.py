@@ -23,11 +23,10 @@ import comfy.ops
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
+from instantfamily_core.checkpoint import CONTROLNET_HINT_CHANNELS
 from instantfamily_core.errors import CheckpointError
 
 from .patch import REGIONS_KEY, Attn2Hook, InstantFamilyAttention, attn2_modules
-
-DIFFUSERS_HINT_CHANNELS = [16, 32, 96, 256]  # what cldm's input_hint_block is built with
 
 
 class MaskedControlNetModel(comfy.cldm.cldm.ControlNet):
@@ -107,7 +106,7 @@ def ldm_config_from_diffusers(cfg: dict, name: str = "controlnet_config") -> dic
         depth = []
         for i, kind in enumerate(cfg["down_block_types"]):
             depth += [tl[i] if "CrossAttn" in kind else 0] * per_level
-        hint = list(cfg.get("conditioning_embedding_out_channels", DIFFUSERS_HINT_CHANNELS))
+        hint = tuple(cfg.get("conditioning_embedding_out_channels", CONTROLNET_HINT_CHANNELS))
         out = {"image_size": 32, "in_channels": int(cfg.get("in_channels", 4)), "model_channels": ch,
                "num_res_blocks": [per_level] * levels, "channel_mult": [c // ch for c in boc],
                "transformer_depth": depth, "transformer_depth_middle": tl[-1],
@@ -120,9 +119,9 @@ def ldm_config_from_diffusers(cfg: dict, name: str = "controlnet_config") -> dic
         raise CheckpointError(f"{name}: not a usable diffusers ControlNet config ({e})") from None
     if len(heads) != 1:
         raise CheckpointError(f"{name}: per-level head counts {heads} are not SD1.5's; expected one head count")
-    if hint != DIFFUSERS_HINT_CHANNELS:
-        raise CheckpointError(f"{name}: conditioning_embedding_out_channels {hint} unsupported; ComfyUI's "
-                              f"ControlNet uses {DIFFUSERS_HINT_CHANNELS}")
+    if hint != CONTROLNET_HINT_CHANNELS:
+        raise CheckpointError(f"{name}: conditioning_embedding_out_channels {list(hint)} unsupported; ComfyUI's "
+                              f"ControlNet uses {list(CONTROLNET_HINT_CHANNELS)}")
     return out
 
 

@@ -140,7 +140,7 @@ class SaveIdentities:
             raise EmbeddingError(f"filename: expected a file name like 'family', got {filename!r}")
         if not base.endswith(".safetensors"):
             base += ".safetensors"
-        folder = folder_paths.get_folder_paths(paths.IDENTITIES)[-1]
+        folder = folder_paths.get_folder_paths(paths.IDENTITIES_FOLDER)[-1]
         path = os.path.join(folder, base)
         save_identities(path, identities)
         return {"ui": {"text": [path]}}
@@ -156,8 +156,8 @@ class LoadIdentities:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"file": (folder_paths.get_filename_list(paths.IDENTITIES), {
+        return {"required": {"file": (folder_paths.get_filename_list(paths.IDENTITIES_FOLDER), {
             "tooltip": "a file saved by Save Identities in models/instantfamily/identities/"})}}
 
     def load(self, file):
-        return (load_identities(folder_paths.get_full_path_or_raise(paths.IDENTITIES, file)),)
+        return (load_identities(folder_paths.get_full_path_or_raise(paths.IDENTITIES_FOLDER, file)),)

@@ -76,11 +76,11 @@ class InstantFamilyLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"checkpoint": (folder_paths.get_filename_list(paths.CHECKPOINTS), {
+        return {"required": {"checkpoint": (folder_paths.get_filename_list(paths.CHECKPOINTS_FOLDER), {
             "tooltip": "an InstantFamily checkpoint in models/instantfamily/"})}}
 
     def load(self, checkpoint):
-        return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS, checkpoint)),)
+        return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS_FOLDER, checkpoint)),)
 
 
 def check_sd15(model) -> None:

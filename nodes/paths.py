@@ -10,10 +10,10 @@ import folder_paths
 
 from instantfamily_core.faces import list_packs
 
-CHECKPOINTS = "instantfamily"
-IDENTITIES = "instantfamily_identities"
-INSIGHTFACE = "insightface"
-OPENPOSE = "instantfamily_openpose"
+CHECKPOINTS_FOLDER = "instantfamily"
+IDENTITIES_FOLDER = "instantfamily_identities"
+INSIGHTFACE_FOLDER = "insightface"
+OPENPOSE_FOLDER = "instantfamily_openpose"
 
 
 def _register(name: str, default: str, extensions: set) -> None:
@@ -27,14 +27,14 @@ def _register(name: str, default: str, extensions: set) -> None:
 
 def register_folders() -> None:
     models = folder_paths.models_dir
-    _register(CHECKPOINTS, os.path.join(models, "instantfamily"), {".safetensors"})
-    _register(IDENTITIES, os.path.join(models, "instantfamily", "identities"), {".safetensors"})
-    _register(INSIGHTFACE, os.path.join(models, "insightface"), set())
-    _register(OPENPOSE, os.path.join(models, "openpose"), set())
+    _register(CHECKPOINTS_FOLDER, os.path.join(models, "instantfamily"), {".safetensors"})
+    _register(IDENTITIES_FOLDER, os.path.join(models, "instantfamily", "identities"), {".safetensors"})
+    _register(INSIGHTFACE_FOLDER, os.path.join(models, "insightface"), set())
+    _register(OPENPOSE_FOLDER, os.path.join(models, "openpose"), set())
 
 
 def insightface_roots() -> list[str]:
-    return list(folder_paths.get_folder_paths(INSIGHTFACE))
+    return list(folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
 
 
 def face_packs() -> list[str]:

@@ -185,7 +185,7 @@ def _openpose_detector():
         raise ModelFileError("Pose from image ('openpose' method) needs the optional package controlnet-aux "
                              f"(`pip install controlnet-aux`), or choose the 'faces' method: {type(e).__name__}: "
                              f"{e}") from None
-    folders = folder_paths.get_folder_paths(paths.OPENPOSE)
+    folders = folder_paths.get_folder_paths(paths.OPENPOSE_FOLDER)
     need = ["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"]
     folder = next((f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in need)), None)
     if folder is None:

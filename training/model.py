@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from instantfamily_core.attention import MaskedCrossAttention
-from instantfamily_core.checkpoint import CheckpointMeta, save_checkpoint
+from instantfamily_core.checkpoint import CONTROLNET_HINT_CHANNELS, CheckpointMeta, save_checkpoint
 from instantfamily_core.errors import (BaseModelError, CheckpointError, EmbeddingError, IdentityCountError,
                                         ModelFileError)
 from instantfamily_core.identity import IdentityFeatures
@@ -31,8 +31,6 @@ from instantfamily_core.projector import IdentityProjector, ProjectorConfig
 from instantfamily_core.stack import stack_context
 
 from training.processors import MaskContext, MaskedCrossAttnProcessor, install_processors
-
-CONTROLNET_EMBEDDING_CHANNELS = (16, 32, 96, 256)
 
 
 @dataclass
@@ -141,7 +139,7 @@ def make_controlnet(unet):
     The hint encoder keeps the standard ``(16, 32, 96, 256)`` channels: ComfyUI's ControlNet loader maps exactly
     that layout onto its ``input_hint_block``."""
     from diffusers import ControlNetModel
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_HINT_CHANNELS)
     install_processors(cn)
     return as_fp32(cn)  # trained weights are fp32 (call this before casting the frozen UNet)
 
@@ -173,7 +171,7 @@ def load_controlnet_init(path, unet):
         raise ModelFileError(f"--controlnet-init: {p} does not exist (give control_v11p_sd15_openpose.pth, its "
                              "fp16 .safetensors, or the diffusers folder lllyasviel/control_v11p_sd15_openpose)")
     target = sd15._empty(lambda: ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS, load_weights_from_unet=False))
+        unet, conditioning_embedding_out_channels=CONTROLNET_HINT_CHANNELS, load_weights_from_unet=False))
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelFileError(f"{name}: a folder must be a diffusers ControlNet (config.json + "

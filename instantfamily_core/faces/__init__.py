@@ -8,7 +8,7 @@ from .analyzer import DetectedFace, FaceAnalyzer, clear_analyzer_cache, get_anal
 from .images import ImageInputError, as_image_list, check_image
 from .localmap import LocalMapModel, find_local_map, local_map_model_path
 from .packs import EXPECTED_FILES, FacePack, classify_onnx, list_packs, models_dir, resolve_pack
-from .providers import CHOICES as PROVIDER_CHOICES
+from .providers import PROVIDER_CHOICES
 from .providers import available_providers, select_providers
 
 __all__ = [

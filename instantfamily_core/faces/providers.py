@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import InstantFamilyError
+from ..errors import InstantFamilyError, OptionError
 
 logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 
-PROVIDER_CHOICES: dict[str, str] = {
+PROVIDER_NAMES: dict[str, str] = {
     "CPU": CPU,
     "CUDA": "CUDAExecutionProvider",
     "ROCm": "ROCMExecutionProvider",
@@ -31,7 +31,7 @@ PROVIDER_CHOICES: dict[str, str] = {
 AUTO_ORDER = ("CUDA", "ROCm", "CoreML")
 """Preference of ``"auto"`` among the accelerated providers."""
 
-CHOICES = ("auto", *PROVIDER_CHOICES)
+PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES)
 """All accepted choices, for UI dropdowns."""
 
 
@@ -48,11 +48,11 @@ def available_providers() -> list[str]:
 
 def _canonical(choice: str) -> str:
     if not isinstance(choice, str):
-        raise InstantFamilyError(f"provider: expected one of {list(CHOICES)}, got {choice!r}")
-    for name in CHOICES:
+        raise OptionError(f"provider: expected one of {list(PROVIDER_CHOICES)}, got {choice!r}")
+    for name in PROVIDER_CHOICES:
         if choice.strip().lower() == name.lower():
             return name
-    raise InstantFamilyError(f"provider: unknown choice {choice!r}; expected one of {list(CHOICES)}")
+    raise OptionError(f"provider: unknown choice {choice!r}; expected one of {list(PROVIDER_CHOICES)}")
 
 
 def select_providers(choice: str = "auto") -> list[str]:
@@ -61,12 +61,12 @@ def select_providers(choice: str = "auto") -> list[str]:
     available = available_providers()
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if PROVIDER_CHOICES[candidate] in available:
-                return [PROVIDER_CHOICES[candidate], CPU]
+            if PROVIDER_NAMES[candidate] in available:
+                return [PROVIDER_NAMES[candidate], CPU]
         return [CPU]
     if name == "CPU":
         return [CPU]
-    wanted = PROVIDER_CHOICES[name]
+    wanted = PROVIDER_NAMES[name]
     if wanted in available:
         return [wanted, CPU]
     logger.warning("provider %r is not available in this onnxruntime build (available: %s); falling back to CPU. "
