@@ -1,6 +1,6 @@
 """Face encoding cost: ms per face (detection + global embedding + local map) and a second run on the same images.
 
-By default a tiny insightface-compatible pack (the generated ONNX stand-ins of ``tests/support/face_models.py``) is
+By default a tiny insightface-compatible pack (the generated ONNX stand-ins of ``tools/devkit/face_models.py``) is
 written to a temporary folder and run through the REAL ``insightface.app.FaceAnalysis`` via the pack's
 ``FaceAnalyzer``: this measures the pipeline (insightface pre/post-processing, alignment, the local-map model, the
 result cache), not the cost of real detector/recognizer weights — for that pass a real pack and photos:
@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def generated_images(count: int, faces: int, round_: int):
     import numpy as np
-    from support.face_models import draw_faces
+    from tools.devkit.face_models import draw_faces
     centers = [(160, 192), (480, 320), (320, 512), (512, 128), (128, 480), (320, 160)][:faces]
     rng = np.random.default_rng(round_)
     out = []
@@ -54,21 +54,19 @@ def generated_images(count: int, faces: int, round_: int):
 
 
 def photo_images(folder: str):
-    import numpy as np
-    from PIL import Image
+    from instantfamily_core.faces.images import load_rgb
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
     if not files:
         sys.exit(f"--images: no .jpg/.png/.webp files in {folder}")
-    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    return [load_rgb(p) for p in files]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, str(C.REPO / "tests"))  # support.face_models: the tiny ONNX pack generator
     from instantfamily_core.faces import FaceAnalyzer
     tmp = None
     if args.root is None:
-        from support.face_models import make_tiny_pack
+        from tools.devkit.face_models import make_tiny_pack
         tmp = tempfile.TemporaryDirectory(prefix="bench_faces_")
         root = Path(tmp.name)
         t0 = time.perf_counter()

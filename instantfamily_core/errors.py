@@ -41,6 +41,18 @@ class NestedPackError(ModelFileError):
     """A face-model pack was unpacked one folder too deep (``antelopev2/antelopev2/``)."""
 
 
+class FaceIDFileError(ModelFileError):
+    """An IP-Adapter file that is not a readable SD1.5 IP-Adapter-FaceID file."""
+
+
+class ImageInputError(InstantFamilyError):
+    """An image given to face analysis has the wrong type, dtype or shape."""
+
+
+class ImageFileError(InstantFamilyError):
+    """An image file (or stored image bytes) is missing or cannot be decoded; the message names the file."""
+
+
 class CheckpointError(InstantFamilyError):
     """An InstantFamily checkpoint has the wrong schema, keys, shapes or base model."""
 

@@ -17,15 +17,14 @@ per sample: ``key``, ``caption``, ``size`` R, ``pose`` (one POSE_KEYPOINT frame 
 (JSON list of ``{"file", "reason"}``), ``inputs`` (JSON: ``start``, ``stop``, ``fingerprint`` of the input list),
 ``info`` (JSON: ``resolution``, ``face_pack``, ``global_dim``, ``local_dim``, ``grid``, ``margin``).
 
-A shard is written atomically (temp file + ``os.replace``), so an existing shard is always complete.
+A shard is written atomically (``instantfamily_core.fileio``: temp file + ``os.replace``, normal permissions), so an
+existing shard is always complete.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -34,9 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from instantfamily_core.errors import InstantFamilyError
+from instantfamily_core.faces.images import load_rgb
+from instantfamily_core.fileio import save_safetensors_atomic
 from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_pose
 from instantfamily_core.render import draw_control_image
+from training.errors import DatasetError
 
 SHARD_FORMAT = "instantfamily-shard"
 MANIFEST_FORMAT = "instantfamily-shards"
@@ -44,27 +45,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class DatasetError(InstantFamilyError):
-    """Shards or a manifest are missing, from another version, or inconsistent."""
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def bytes_tensor(data: bytes) -> torch.Tensor:
@@ -83,7 +65,6 @@ class PreparedSample:
 def write_shard(path: Path, samples: Sequence[PreparedSample], skipped: Sequence[dict], inputs: dict,
                 info: dict) -> None:
     """Write one shard atomically (see the module docstring for the layout)."""
-    from safetensors.torch import save_file
     tensors = {}
     for i, s in enumerate(samples):
         tensors[f"{i:06d}.image"] = bytes_tensor(s.image_bytes)
@@ -94,16 +75,7 @@ def write_shard(path: Path, samples: Sequence[PreparedSample], skipped: Sequence
     meta = {"format": SHARD_FORMAT, "version": str(FORMAT_VERSION),
             "samples": json.dumps([s.record for s in samples]), "skipped": json.dumps(list(skipped)),
             "inputs": json.dumps(inputs), "info": json.dumps(info)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_safetensors_atomic(tensors, path, meta)
 
 
 def read_shard_metadata(path: Path) -> dict:
@@ -176,10 +148,9 @@ class DropoutConfig:
             raise DatasetError("condition dropout: --drop-text + --drop-identity + --drop-both must be ≤ 1")
 
 
-def decode_image(data: np.ndarray | bytes) -> np.ndarray:
-    from PIL import Image
-    with Image.open(io.BytesIO(bytes(data))) as im:
-        return np.asarray(im.convert("RGB"))
+def decode_image(data: np.ndarray | bytes, name: str = "shard image") -> np.ndarray:
+    """A stored (encoded) image as ``H×W×3`` uint8 RGB, through the one loader prepare and evaluation use."""
+    return load_rgb(data, name=name)
 
 
 def with_detector_boxes(record: dict) -> dict:
@@ -263,7 +234,7 @@ class ShardDataset(Dataset):
         if len(face_order) > n:
             raise DatasetError(f"{record['key']}: {len(face_order)} slots requested but --num-slots is {n}")
         face_order = list(face_order) + [None] * (n - len(face_order))
-        image = decode_image(self._tensor(shard, f"{i:06d}.image").numpy())
+        image = decode_image(self._tensor(shard, f"{i:06d}.image").numpy(), name=f"{shard}: {record['key']}")
         if image.shape[:2] != (r, r):
             raise DatasetError(f"{record['key']}: image is {image.shape[1]}×{image.shape[0]}, the manifest says {r}×{r}")
         frame = parse_pose(with_detector_boxes(record), name=record["key"])

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m training.generate
+    import _bootstrap  # noqa: F401  (training/_bootstrap.py: the repository root first on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -45,14 +44,11 @@ from instantfamily_core.masks import boxes_to_masks  # noqa: E402
 from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose, person_for_box  # noqa: E402
 from instantfamily_core.render import draw_control_image  # noqa: E402
 from training.evaluation.cases import Case, load_cases, load_rgb  # noqa: E402
+from training.errors import GenerateError  # noqa: E402
 
-TEMPLATES_DIR = Path(_ROOT) / "pose_templates"
+TEMPLATES_DIR = Path(os.path.abspath(__file__)).parents[1] / "pose_templates"
 MANIFEST = "generate.json"
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class GenerateError(InstantFamilyError):
-    """Bad options or inputs of the generate CLI (the message names the option or case)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

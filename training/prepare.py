@@ -31,17 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m training.prepare
+    import _bootstrap  # noqa: F401  (training/_bootstrap.py: the repository root first on sys.path)
 
 import numpy as np  # noqa: E402
 
-from instantfamily_core.errors import InstantFamilyError  # noqa: E402
+from instantfamily_core.errors import ImageFileError, InstantFamilyError  # noqa: E402
+from instantfamily_core.faces.images import load_rgb  # noqa: E402
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from instantfamily_core.pose import (DEFAULT_MARGIN, PoseFrame, assign_slots, expand_box, face_box,  # noqa: E402
                                      parse_pose, poses_from_controlnet_aux)
 from training.data import (FORMAT_VERSION, MANIFEST, MANIFEST_FORMAT, DatasetError, PreparedSample,  # noqa: E402
-                           atomic_write_text, read_shard_metadata, shard_name, with_detector_boxes, write_shard)
+                           read_shard_metadata, shard_name, with_detector_boxes, write_shard)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -115,14 +116,13 @@ def fingerprint(items: list[InputItem]) -> str:
 # one item
 
 def load_image(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps
+    """The input image as RGB, EXIF orientation applied (the one loader training data and evaluation use too)."""
+    if not Path(path).is_file():
+        raise SkipItem("image file not found")
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except FileNotFoundError:
-        raise SkipItem("image file not found") from None
-    except Exception as e:
-        raise SkipItem(f"unreadable image ({type(e).__name__}: {e})") from None
+        return load_rgb(path, name=Path(path).name)
+    except ImageFileError as e:
+        raise SkipItem(f"unreadable image ({e})") from None
 
 
 def read_caption(item: InputItem) -> str:
@@ -307,7 +307,7 @@ def build_manifest(out: Path, total_inputs: int, shard_size: int, fp: str, defau
                 "complete": len(shards) == expected, "shards": shards, "skipped_count": len(skipped),
                 "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped).most_common()),
                 "skipped": skipped}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

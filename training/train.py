@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m training.train
+    import _bootstrap  # noqa: F401  (training/_bootstrap.py: the repository root first on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -31,13 +30,10 @@ from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # n
 from training import checkpoints as ck  # noqa: E402
 from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from training.data import DropoutConfig, EpochBatchSampler, ShardDataset, collate  # noqa: E402
+from training.errors import TrainingError  # noqa: E402
 from training.model import (IdentityBatch, InstantFamilyNet, as_fp32, encode_text,  # noqa: E402
                             export_checkpoint, json_config, load_controlnet_init, make_controlnet,
                             sample_latents)
-
-
-class TrainingError(InstantFamilyError):
-    """Bad training arguments or an inconsistent output / resume folder."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import FaceIDFileError
 from .layout import (ATTN2_INDICES, CROSS_ATTENTION_DIM, LORA_RANK, LORA_TARGETS, NUM_PROCESSORS,
                      SD15_TRANSFORMERS, lora_to_comfy, processor_width)
 
@@ -44,10 +44,6 @@ PERCEIVER_DEPTH = 4
 MAX_PORTRAIT_IMAGES = 5
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 EXTENSIONS = PICKLE_SUFFIXES + (".safetensors",)
-
-
-class FaceIDFileError(ModelFileError):
-    """An IP-Adapter file that is not a readable SD1.5 IP-Adapter-FaceID file."""
 
 
 @dataclass

@@ -1,22 +1,48 @@
-"""Validate the images handed to face analysis: numpy ``H×W×3`` uint8 RGB only.
+"""Images for face analysis: validate numpy ``H×W×3`` uint8 RGB inputs, and load image files the one way.
 
 ComfyUI's ``IMAGE`` tensors (float ``[0, 1]``, ``B×H×W×3``) are converted by the node adapters, not here. Wrong
 inputs raise :class:`ImageInputError` naming the input, never an ``IndexError`` deep inside OpenCV.
+
+:func:`load_rgb` is the one image loader of the training, evaluation and benchmark tools: EXIF orientation applied
+(a phone photo stored sideways comes out upright, as every viewer shows it), then RGB. Pillow is imported when it is
+called, so importing this module needs only numpy.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Sequence, Union
 
 import numpy as np
 
-from ..errors import InstantFamilyError
+from ..errors import ImageFileError, ImageInputError
 
 MIN_SIDE = 16
 
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
-class ImageInputError(InstantFamilyError):
-    """An image given to face analysis has the wrong type, dtype or shape."""
+
+def load_rgb(source: ImageSource, name: str | None = None) -> np.ndarray:
+    """An image file (a path) or encoded image bytes (``bytes`` or a uint8 array) as an ``H×W×3`` uint8 RGB array,
+    EXIF orientation applied. Raises :class:`~instantfamily_core.errors.ImageFileError` naming the file (or
+    ``name``) when it is missing or cannot be decoded."""
+    import io
+
+    from PIL import Image, ImageOps
+    if isinstance(source, (bytes, bytearray, memoryview, np.ndarray)):
+        label = name or "image bytes"
+        opener = io.BytesIO(bytes(source))
+    else:
+        path = os.fspath(source)
+        label = name or path
+        if not os.path.isfile(path):
+            raise ImageFileError(f"image file not found: {label}")
+        opener = path
+    try:
+        with Image.open(opener) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ImageFileError(f"cannot decode image {label}: {type(e).__name__}: {e}") from None
 
 
 def check_image(image, name: str) -> np.ndarray:

@@ -26,12 +26,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 from instantfamily_core.errors import InstantFamilyError
+from instantfamily_core.faces.images import load_rgb  # noqa: F401 - the one image loader, used through this module
 
-from .errors import CasesFileError, ImageFileError
+from .errors import CasesFileError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -231,14 +229,3 @@ def find_generated(case: Case, images_dir: str | None, cases_dir: str) -> list[s
         raise _err(case.id, "images", f"no generated image found in {images_dir!r} (expected {case.id}.png, "
                                       f"{case.id}_<n>.png or {case.id}/*.png)")
     return found
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """An image file as ``H×W×3`` uint8 RGB; raises :class:`ImageFileError` when missing or unreadable."""
-    if not os.path.isfile(path):
-        raise ImageFileError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageFileError(f"cannot decode image {path}: {e}") from None

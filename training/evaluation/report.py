@@ -1,6 +1,7 @@
 """Write the evaluation: Markdown + JSON + CSV tables, a PNG contact sheet and a similarity histogram.
 
-Every file is written atomically (temporary file in the same folder, then ``os.replace``).
+Every file is written atomically with normal permissions (``instantfamily_core.fileio``: a temporary file in the same
+folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -9,26 +10,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from instantfamily_core.fileio import write_bytes_atomic, write_text_atomic
+
 COLUMNS = [("SingleSim", "Identity (SingleSim) ↑"), ("MultiSim", "MultiSim ↑"), ("TextSim", "Text (CLIP) ↑"),
            ("MixingRate", "ID mixing ↓"), ("PlacementRate", "Placement ↑"), ("CountOK", "Face count OK ↑")]
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(x, digits=3):
@@ -157,11 +145,11 @@ def write_all(out_dir: str, results, summary: dict, meta: dict, sheet_rows: int 
         ("markdown", "summary.md"), ("json", "summary.json"), ("csv", "summary.csv"),
         ("per_image_csv", "per_image.csv"), ("contact_sheet", "contact_sheet.png"),
         ("histogram", "similarity_hist.png"))}
-    atomic_write(paths["markdown"], markdown(summary, records, meta))
-    atomic_write(paths["json"], json.dumps({"meta": meta, "summary": summary, "images": records}, indent=2,
-                                           ensure_ascii=False))
-    atomic_write(paths["csv"], summary_csv(summary, meta["label"]))
-    atomic_write(paths["per_image_csv"], per_image_csv(records))
-    atomic_write(paths["contact_sheet"], contact_sheet(results, sheet_rows))
-    atomic_write(paths["histogram"], histogram(results, meta["recognizer"]))
+    write_text_atomic(paths["markdown"], markdown(summary, records, meta))
+    write_text_atomic(paths["json"], json.dumps({"meta": meta, "summary": summary, "images": records}, indent=2,
+                                                ensure_ascii=False))
+    write_text_atomic(paths["csv"], summary_csv(summary, meta["label"]))
+    write_text_atomic(paths["per_image_csv"], per_image_csv(records))
+    write_bytes_atomic(paths["contact_sheet"], contact_sheet(results, sheet_rows))
+    write_bytes_atomic(paths["histogram"], histogram(results, meta["recognizer"]))
     return paths
