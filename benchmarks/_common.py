@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: the ComfyUI host, random SD1.5-shaped models, statistics, tables.
 
-The host is found and imported with the tests' helpers (``tests/support/comfy_host.py``: ``COMFYUI_PATH``, this pack
+The host is found and imported with the development helpers (``tools/devkit/comfy_host.py``: ``COMFYUI_PATH``, this pack
 inside ``ComfyUI/custom_nodes``, or ``~/comfy/ComfyUI``) and the pack is loaded through ComfyUI's own custom-node
 loader, so every benchmark runs the pack's real node code.
 """
@@ -22,9 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-sys.path.insert(0, str(REPO / "tests"))
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
-from support.identities import random_identities as identities  # noqa: E402,F401
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
+from tools.devkit.identities import random_identities as identities  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------------------------
 # host
@@ -34,7 +33,7 @@ _HOST: dict = {}
 
 def load_host(device: str = "cpu", extra_args: Sequence[str] = ()):
     """Import ComfyUI in this process (``--cpu`` for ``device == "cpu"``) and load this pack through ComfyUI's
-    custom-node loader (the tests' host helpers); return ``(nodes, mods)``, ``mods`` the pack's node modules."""
+    custom-node loader (``tools.devkit.comfy_host``); return ``(nodes, mods)``, ``mods`` the pack's node modules."""
     if _HOST:
         return _HOST["nodes"], _HOST["mods"]
     if find_comfyui() is None:

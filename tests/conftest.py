@@ -23,7 +23,7 @@ def _in_ci() -> bool:
 
 def pytest_configure(config):
     if _in_ci():
-        from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+        from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
         if find_comfyui() is None:
             raise pytest.UsageError(f"CI=true: {HOW_TO_PROVIDE}")
 

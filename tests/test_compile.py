@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from test_nodes_inprocess import apply, cond, host, ifmodel, sample  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)

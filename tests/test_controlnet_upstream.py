@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -33,7 +33,7 @@ RECHECK = (f"ComfyUI's comfy.cldm.cldm.ControlNet.forward is no longer the one o
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     import_host()
     pack = load_pack()
     import comfy.cldm.cldm

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -41,7 +41,7 @@ def _write_openpose(path: Path, context_dim: int = 768, channels: int = 320):
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     pack = load_pack()
     return nodes, pack
@@ -53,7 +53,7 @@ def good(host, tmp_path_factory):
     from safetensors.torch import save_file
 
     from support.comfy_models import write_tiny_checkpoint
-    from support.face_models import make_tiny_pack
+    from tools.devkit.face_models import make_tiny_pack
     from support.faceid_files import faceid_parts, write_bin
     real = find_comfyui()
     root = tmp_path_factory.mktemp("doctor") / "ComfyUI"
@@ -131,7 +131,7 @@ def test_openpose_row_agrees_with_comfyuis_loader(good, tmp_path):
 
 
 def _pack_files(folder: Path, recognizer: bool = True) -> Path:
-    from support.face_models import DET_FILE, REC_FILE, write_tiny_detector, write_tiny_recognizer
+    from tools.devkit.face_models import DET_FILE, REC_FILE, write_tiny_detector, write_tiny_recognizer
     write_tiny_detector(folder / DET_FILE)
     if recognizer:
         write_tiny_recognizer(folder / REC_FILE)

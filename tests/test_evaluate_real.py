@@ -316,7 +316,7 @@ def test_insightface_recognizer_via_core_analyzer(tmp_path_factory, tmp_path):
     offline): red squares are faces, the inner circle's colour is the identity."""
     need("insightface", "onnxruntime", "onnx")
     pytest.importorskip("instantfamily_core.faces", reason="the core faces package is part of this repo")
-    from support.face_models import draw_faces, session_tiny_root
+    from tools.devkit.face_models import draw_faces, session_tiny_root
     from training.evaluate import main
 
     root = session_tiny_root(tmp_path_factory)

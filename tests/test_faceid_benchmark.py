@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from support import faceid_files as ff
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from support.identities import random_identities
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.identities import random_identities
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -22,7 +22,7 @@ DIFFUSERS_ORDER = ([f"down_blocks.{l}.attentions.{i}" for l in range(3) for i in
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     pack = load_pack()
     mods = {m: sys.modules[f"{pack.__name__}.nodes.{m}"] for m in ("patch", "faceid_nodes", "faceid_patch")}

@@ -8,7 +8,7 @@ import pytest
 
 from instantfamily_core.faces import FaceAnalyzer
 from instantfamily_core.identity import IdentityFeatures
-from support.face_models import draw_faces, session_tiny_root
+from tools.devkit.face_models import draw_faces, session_tiny_root
 
 BLUE, GREEN = (0, 0, 255), (0, 255, 0)
 

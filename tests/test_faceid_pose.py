@@ -10,8 +10,8 @@ import pytest
 
 from instantfamily_core.pose import parse_pose
 from instantfamily_core.render import draw_openpose_image, draw_skeletons
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from support.identities import random_identities
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.identities import random_identities
 from support.poses import frame, person
 
 
@@ -39,7 +39,7 @@ def test_openpose_rendering_is_skeleton_plus_white_face_dots_only():
 
 @pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 def test_pose_to_masks_offers_both_control_styles():
-    from support.comfy_host import load_pack
+    from tools.devkit.comfy_host import load_pack
     pack = load_pack()
     pn = sys.modules[f"{pack.__name__}.nodes.pose_nodes"]
     ids = random_identities(2)

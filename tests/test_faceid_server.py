@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
-from support.workflow_format import load_twin, shrink as shrink_graph
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.workflow_format import load_twin, shrink as shrink_graph
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -32,9 +32,9 @@ COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from support import faceid_files as ff
-    from support.comfy_host import import_host
-    from support.comfy_server import ComfyServer
-    from support.face_models import draw_faces, make_tiny_pack
+    from tools.devkit.comfy_host import import_host
+    from tools.devkit.comfy_server import ComfyServer
+    from tools.devkit.face_models import draw_faces, make_tiny_pack
     import_host()
 
     class Server(ComfyServer):
@@ -84,7 +84,7 @@ def of_class(prompt, cls):
 
 
 def test_faceid_workflows_agree_with_object_info_and_are_templates(server):
-    from support.workflow_format import input_specs, ui_to_api
+    from tools.devkit.workflow_format import input_specs, ui_to_api
     info = server.get("/object_info")
     assert set(FACEID_WORKFLOWS) == {"faceid_2_people_pose_from_photo", "faceid_4_people_template",
                                      "faceid_plusv2_2_people_pose_from_photo"}
@@ -141,7 +141,7 @@ def test_faceid_workflow_generates_an_image_and_the_identities_act(server, name)
 
 
 def test_bad_faceid_inputs_are_node_errors(server, tmp_path):
-    from support.comfy_server import execution_error
+    from tools.devkit.comfy_server import execution_error
     prompt = shrink(load_twin("faceid_2_people_pose_from_photo"))
     bad = copy.deepcopy(prompt)
     bad[of_class(bad, "ApplyInstantFamilyFaceID")[0]]["inputs"]["identity_weights"] = "1, 2, 3"

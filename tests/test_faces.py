@@ -8,7 +8,7 @@ import torch
 
 from instantfamily_core.errors import EmbeddingError, InstantFamilyError, NoFaceError
 from instantfamily_core.faces import FaceAnalyzer, ImageInputError, clear_analyzer_cache, get_analyzer
-from support.face_models import KPS_OFFSETS, draw_faces, session_tiny_root, tiny_recognizer_module
+from tools.devkit.face_models import KPS_OFFSETS, draw_faces, session_tiny_root, tiny_recognizer_module
 
 BLUE, GREEN, YELLOW = (0, 0, 255), (0, 255, 0), (255, 255, 0)
 CENTERS = [(160, 192), (480, 320), (320, 512)]

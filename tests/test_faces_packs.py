@@ -16,7 +16,7 @@ from instantfamily_core.errors import InstantFamilyError, ModelFileError, Nested
 from instantfamily_core.faces import (FaceAnalyzer, find_local_map, list_packs, local_map_model_path, resolve_pack,
                                       select_providers)
 from instantfamily_core.faces import localmap as localmap_mod
-from support.face_models import DET_FILE, REC_FILE, session_tiny_root, write_tiny_recognizer
+from tools.devkit.face_models import DET_FILE, REC_FILE, session_tiny_root, write_tiny_recognizer
 
 
 @pytest.fixture(scope="session")

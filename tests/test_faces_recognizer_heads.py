@@ -22,7 +22,7 @@ import torch
 from instantfamily_core.errors import ModelFileError
 from instantfamily_core.faces import FaceAnalyzer
 from instantfamily_core.faces.localmap import LocalMapModel, find_local_map
-from support.face_models import (BATCH1_REC_FILE, MBF_REC_FILE, batch1_recognizer_module, draw_faces,
+from tools.devkit.face_models import (BATCH1_REC_FILE, MBF_REC_FILE, batch1_recognizer_module, draw_faces,
                                  make_pack_with_recognizer, mobilefacenet_recognizer_module,
                                  write_mobilefacenet_recognizer)
 

@@ -28,7 +28,7 @@ from instantfamily_core.identity import (IDENTITY_FILE_FORMAT, IdentityFeatures,
 from instantfamily_core.pose import assign_slots, parse_order, parse_pose
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig
 from support.fuzz import check_typed, fuzz_settings, register_report, tried
-from support.identities import random_identities
+from tools.devkit.identities import random_identities
 from training.data import DatasetError, ShardDataset, read_manifest, read_shard_metadata
 from training.evaluation.cases import load_cases
 from training.generate import case_layout

@@ -20,9 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from instantfamily_core.errors import InstantFamilyError
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from support.fuzz import check_typed, fuzz_settings, register_report, tried
-from support.identities import random_identities
+from tools.devkit.identities import random_identities
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -35,7 +35,7 @@ IDS = random_identities(4, seed=3)
 def node():
     import sys
 
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     import_host()
     pack = load_pack()
     return sys.modules[f"{pack.__name__}.nodes.pose_nodes"]

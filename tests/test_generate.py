@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytest.importorskip("diffusers", reason="the generate CLI needs diffusers: pip install diffusers accelerate")
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
@@ -37,7 +37,7 @@ def ws(tmp_path_factory):
     case and a slot-less (template) case."""
     from PIL import Image
 
-    from support.face_models import draw_faces, session_tiny_root
+    from tools.devkit.face_models import draw_faces, session_tiny_root
     from support.poses import frame, person
     from training.model import write_tiny_setup
     root = tmp_path_factory.mktemp("generate")
@@ -101,7 +101,7 @@ def _case_inputs(gen, case_id):
 
 @pytest.fixture(scope="module")
 def host(ws):
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     pack = load_pack()
     import comfy.sd

@@ -12,9 +12,9 @@ import torch
 
 from instantfamily_core.identity import SkippedIdentity, is_skipped, load_identities, save_identities
 from instantfamily_core.render import slot_color
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from support.face_models import draw_faces, session_tiny_root
-from support.identities import random_identities
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.face_models import draw_faces, session_tiny_root
+from tools.devkit.identities import random_identities
 from support.poses import frame, person
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
@@ -24,7 +24,7 @@ NO_TEMPLATE = "none (use pose_keypoint)"
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     pack = load_pack()
     mods = {m: sys.modules[f"{pack.__name__}.nodes.{m}"] for m in ("model_nodes", "pose_nodes", "face_nodes")}

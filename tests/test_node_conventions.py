@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     return nodes, load_pack()
 
@@ -129,7 +129,7 @@ def test_encode_identity_reports_progress_and_stops_when_interrupted(host, tmp_p
     import comfy.model_management as mm
     import torch
     from instantfamily_core.faces import FaceAnalyzer
-    from support.face_models import draw_faces, session_tiny_root
+    from tools.devkit.face_models import draw_faces, session_tiny_root
     _, pack = host
     fn = sys.modules[f"{pack.__name__}.nodes.face_nodes"]
     fa = FaceAnalyzer(session_tiny_root(tmp_path_factory), "tinypack", provider="CPU", det_size=256)
@@ -150,7 +150,7 @@ def test_apply_faceid_reports_progress_per_identity_and_stops_when_interrupted(h
     import comfy.model_management as mm
     import torch
     from support import faceid_files as ff
-    from support.identities import random_identities
+    from tools.devkit.identities import random_identities
     _, pack = host
     fn = sys.modules[f"{pack.__name__}.nodes.faceid_nodes"]
     path = tmp_path / "ip-adapter-faceid_sd15.bin"

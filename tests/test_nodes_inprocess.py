@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from support.identities import random_identities
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.identities import random_identities
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
 
 @pytest.fixture(scope="module")
 def host():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     nodes = import_host()
     pack = load_pack()
     name = pack.__name__

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
-from support.workflow_format import load_twin, shrink
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.workflow_format import load_twin, shrink
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -29,9 +29,9 @@ def _save(img: np.ndarray, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from support.comfy_host import import_host
-    from support.comfy_server import ComfyServer
-    from support.face_models import draw_faces, make_tiny_pack, write_tiny_recognizer
+    from tools.devkit.comfy_host import import_host
+    from tools.devkit.comfy_server import ComfyServer
+    from tools.devkit.face_models import draw_faces, make_tiny_pack, write_tiny_recognizer
     import_host()
     from support import comfy_files
     base = tmp_path_factory.mktemp("comfy")
@@ -78,7 +78,7 @@ def assert_image_output(srv, entry):
 
 
 def node_error(srv, prompt) -> str:
-    from support.comfy_server import execution_error
+    from tools.devkit.comfy_server import execution_error
     entry = srv.run(prompt)
     err = execution_error(entry) if "rejected" not in entry else None
     assert err is not None, entry
@@ -86,7 +86,7 @@ def node_error(srv, prompt) -> str:
 
 
 def test_workflows_are_templates_and_agree_with_object_info(server):
-    from support.workflow_format import input_specs, ui_to_api
+    from tools.devkit.workflow_format import input_specs, ui_to_api
     info = server.get("/object_info")
     ours = [k for k in info if k.startswith(("InstantFamily", "ApplyInstantFamily"))]
     assert len(ours) == 12  # 9 InstantFamily nodes, 2 of the public-weights mode, the doctor

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from support.identities import random_identities
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.identities import random_identities
 
 pytest.importorskip("diffusers", reason="the training side needs diffusers: pip install diffusers accelerate")
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
@@ -22,7 +22,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory):
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     import_host()
     pack = load_pack()
     import comfy.sd

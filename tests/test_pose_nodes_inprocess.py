@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from instantfamily_core.pose import face_box, parse_pose
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from support.controlnet_aux_shapes import FakeOpenposeDetector, face_points, pose_result
-from support.face_models import draw_faces, session_tiny_root
-from support.identities import random_identities
+from tools.devkit.face_models import draw_faces, session_tiny_root
+from tools.devkit.identities import random_identities
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
 
 @pytest.fixture(scope="module")
 def pose_nodes():
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     import_host()
     pack = load_pack()
     return sys.modules[f"{pack.__name__}.nodes.pose_nodes"]

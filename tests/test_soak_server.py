@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -62,9 +62,9 @@ def report(request):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from support.comfy_host import import_host
-    from support.comfy_server import ComfyServer
-    from support.face_models import draw_faces, make_tiny_pack
+    from tools.devkit.comfy_host import import_host
+    from tools.devkit.comfy_server import ComfyServer
+    from tools.devkit.face_models import draw_faces, make_tiny_pack
     import_host()
     from support import comfy_files
     base = tmp_path_factory.mktemp("soak")
@@ -154,7 +154,7 @@ def _interrupted(srv, prompt: dict) -> dict:
 
 
 def test_fifty_prompts_no_crash_no_growth(server):
-    from support.comfy_server import execution_error
+    from tools.devkit.comfy_server import execution_error
     base = _base_prompt()
     pid = server.proc.pid
     rss, good, t0 = [], 0, time.time()
@@ -207,7 +207,7 @@ def test_loader_cache_is_a_bounded_lru(tmp_path):
     import sys
 
     from support.comfy_files import write_micro_instantfamily
-    from support.comfy_host import import_host, load_pack
+    from tools.devkit.comfy_host import import_host, load_pack
     import_host()
     model_nodes = sys.modules[f"{load_pack().__name__}.nodes.model_nodes"]
     paths = [tmp_path / f"if_{k}.safetensors" for k in range(3)]

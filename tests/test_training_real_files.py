@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from support import sd15_layouts as L
-from support.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 
 pytest.importorskip("diffusers", reason="the training side needs diffusers: pip install diffusers accelerate")
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
@@ -93,7 +93,7 @@ def assert_match(a_text, a_eps, b_text, b_eps, what):
 def fp32_text_encoder():
     """ComfyUI keeps the text encoder in fp16 unless started with --fp32-text-enc; compare in fp32 (the file's
     values, not a rounding of them)."""
-    from support.comfy_host import import_host
+    from tools.devkit.comfy_host import import_host
     import_host()
     import comfy.cli_args
     before = comfy.cli_args.args.fp32_text_enc
@@ -104,7 +104,7 @@ def fp32_text_encoder():
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from support.comfy_host import import_host
+    from tools.devkit.comfy_host import import_host
     import_host()
     root = tmp_path_factory.mktemp("sd15_layouts")
     return {"root": root, "state": L.sd15_state(L.MICRO_UNET, seed=0), "config": L.micro_config_dir(root / "config")}
@@ -262,7 +262,7 @@ def test_controlnet_init_matches_comfyui_controlnet_loader(micro, name, layout, 
 
 @pytest.fixture(scope="module")
 def full_file(tmp_path_factory):
-    from support.comfy_host import import_host
+    from tools.devkit.comfy_host import import_host
     import_host()
     root = tmp_path_factory.mktemp("sd15_full")
     path = root / "sd15-full-random-fp16.safetensors"
@@ -312,8 +312,8 @@ def test_full_size_file_loads_trains_exports_and_runs_in_comfyui(full_file, tmp_
           f"{_peak_rss_gib(resource.RUSAGE_CHILDREN):.2f} GiB")
 
     # 3. the export runs in ComfyUI: the pack's nodes on the full-size base, sampled and decoded
-    from support.comfy_host import load_pack
-    from support.identities import random_identities
+    from tools.devkit.comfy_host import load_pack
+    from tools.devkit.identities import random_identities
     from support.poses import frame, person
     import nodes as comfy_nodes
     pack = load_pack()

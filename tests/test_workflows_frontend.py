@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
@@ -20,7 +20,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--dis
 
 def test_ui_workflows_load_in_the_frontend_and_convert_to_their_api_twins(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python: pip install playwright")
-    from support.comfy_server import ComfyServer
+    from tools.devkit.comfy_server import ComfyServer
     workflows = sorted((REPO / "workflows").glob("*.json"))
     assert workflows
     with ComfyServer(tmp_path) as server, sync_api.sync_playwright() as p:

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT)]
 
-from support.comfy_server import ComfyServer  # noqa: E402
-from support.workflow_format import api_to_ui  # noqa: E402
+from tools.devkit.comfy_server import ComfyServer  # noqa: E402
+from tools.devkit.workflow_format import api_to_ui  # noqa: E402
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"

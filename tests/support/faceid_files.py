@@ -193,7 +193,7 @@ def generate_in_subprocess(kind: str, path: str) -> None:
     from pathlib import Path
     tests = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.path[:0] = [{t!r}, {r!r}]\n"
-            "from support.comfy_host import import_host; import_host()\n"
+            "from tools.devkit.comfy_host import import_host; import_host()\n"
             "from support import faceid_files as ff\n"
             "ff.{fn}({p!r})\n").format(t=str(tests), r=str(tests.parent), p=str(path),
                                         fn={"checkpoint": "write_sd15_checkpoint",

@@ -14,7 +14,7 @@ the standard single-file prefixes ``model.diffusion_model.``, ``first_stage_mode
 * ``.ckpt``: a PyTorch zip with a ``{"state_dict": ..., "global_step": ...}`` wrapper;
 * fp32 / fp16 / bf16 tensors.
 
-Needs the ComfyUI host importable (``support.comfy_host.import_host()``).
+Needs the ComfyUI host importable (``tools.devkit.comfy_host.import_host()``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support.face_models import draw_faces
+from tools.devkit.face_models import draw_faces
 from support.poses import frame, person
 
 # (face centres, identity colours) per image; centres on the tiny detector's 32-px grid, 256×256 canvas
@@ -57,7 +57,7 @@ def write_dataset(folder: Path, copies: int = 1) -> Path:
 
 class Workspace:
     def __init__(self, root: Path):
-        from support.face_models import make_tiny_pack
+        from tools.devkit.face_models import make_tiny_pack
         from training import prepare
         from training.model import write_tiny_setup
         self.root = root

@@ -57,7 +57,7 @@ def _torch():
     try:
         import torch
     except ImportError as e:  # pragma: no cover - the test venv has torch
-        raise RuntimeError("tests.support.face_models needs torch to export the tiny ONNX models") from e
+        raise RuntimeError("tools.devkit.face_models needs torch to export the tiny ONNX models") from e
     return torch
 
 
