@@ -232,15 +232,13 @@ def test_bad_det_size(face_root, det_size):
 
 
 def test_nan_embedding_is_a_typed_error(fresh, monkeypatch):
-    real_get = fresh.app.get
+    real_local = fresh._local  # the one recognizer pass (insightface's own recognizer is not run)
 
-    def nan_get(img, *a, **k):
-        faces = real_get(img, *a, **k)
-        for f in faces:
-            f.embedding = np.full(512, np.nan, np.float32)
-        return faces
+    def nan_local(crops):
+        emb, fmap = real_local(crops)
+        return np.full_like(emb, np.nan), fmap
 
-    monkeypatch.setattr(fresh.app, "get", nan_get)
+    monkeypatch.setattr(fresh, "_local", nan_local)
     with pytest.raises(EmbeddingError, match="ivy"):
         fresh.encode(three_faces(), name="ivy")
 

@@ -4,9 +4,16 @@
 ``insightface.app.FaceAnalysis`` with ``allowed_modules=['detection', 'recognition']`` on exactly that folder
 (never a download) and ``prepare(ctx_id, det_size=(s, s))`` once, and loads the local-map copy of the recognizer
 (:mod:`.localmap`). Only the insightface API shared by 0.7.3 and 2.x is used: ``FaceAnalysis(name, root,
-providers, allowed_modules)``, ``prepare``, ``get``, ``Face(bbox, kps, det_score)`` and its
-``normed_embedding``, ``det_model.detect(img, input_size=...)``, ``models['recognition'].get(img, face)`` and
-``utils.face_align.norm_crop``.
+providers, allowed_modules)``, ``prepare``, ``get``, ``Face(bbox, kps, det_score)``, its ``embedding`` and
+``normed_embedding``, ``det_model.detect(img, input_size=...)``, the recognizer's ``model_file``, ``input_mean``,
+``input_std`` and ``input_size``, and ``utils.face_align.norm_crop``.
+
+One recognizer pass per face: insightface picks and loads the pack's recognizer (its routing, its normalisation
+constants), then the analyzer takes it out of ``FaceAnalysis.models``, so ``FaceAnalysis.get`` only detects. Each
+face's aligned crop goes once through the edited copy of that recognizer, whose two outputs are the local map and
+the embedding insightface's own ``ArcFaceONNX.get`` computes (same crop, same normalisation, same graph plus one
+output; identical on CPU, batching may at most change float rounding), L2-normalised by insightface's
+``Face.normed_embedding``. The crops of one image go through in one batch.
 
 * :meth:`FaceAnalyzer.detect` → faces largest first; when nothing is found at ``det_size`` it retries at
   ``det_size - 64``, ``- 128``, … down to 192 (small or huge faces).
@@ -115,6 +122,9 @@ class FaceAnalyzer:
         self.crop_size = int(rec.input_size[0])
         self._local = LocalMapModel(self.recognizer_file, self.providers, rec.input_mean, rec.input_std,
                                     self.crop_size, cache_dir)
+        # The edited copy computes the embedding too: release insightface's own recognizer (and its session), so
+        # that FaceAnalysis.get only detects and each face goes through a recognizer once (module docstring).
+        del self.app.models["recognition"]
         self._lock = threading.RLock()
         self.app.prepare(ctx_id=self.ctx_id, det_size=(self.det_size, self.det_size))
         self._cache: OrderedDict[tuple, tuple[DetectedFace, ...]] = OrderedDict()
@@ -128,24 +138,18 @@ class FaceAnalyzer:
         return [self.det_size] + list(range(self.det_size - RETRY_STEP, MIN_RETRY_DET_SIZE - 1, -RETRY_STEP))
 
     def _get_faces(self, img_bgr: np.ndarray, size: int) -> list:
-        """insightface ``Face`` objects (bbox, kps, det_score, embedding) found at detector size ``size``.
+        """insightface ``Face`` objects (bbox, kps, det_score; no embedding yet) found at detector size ``size``.
 
-        The prepared size goes through ``FaceAnalysis.get``. Other sizes call the detector with an explicit
-        ``input_size`` (0.7.3 ignores a second ``prepare(det_size=...)``) and the recognizer's ``get`` — the same
-        steps ``FaceAnalysis.get`` takes, without changing the prepared state.
+        The prepared size goes through ``FaceAnalysis.get`` (detection only: the recognizer is not among its
+        models). Other sizes call the detector with an explicit ``input_size`` (0.7.3 ignores a second
+        ``prepare(det_size=...)``) — the same step ``FaceAnalysis.get`` takes, without changing the prepared state.
         """
         if size == self.det_size:
             return list(self.app.get(img_bgr))
         bboxes, kpss = self.app.det_model.detect(img_bgr, input_size=(size, size), max_num=0, metric="default")
         if kpss is None:
             raise ModelFileError(f"face detector of pack '{self.pack.name}' returned no keypoints")
-        rec = self.app.models["recognition"]
-        faces = []
-        for i in range(bboxes.shape[0]):
-            face = self._Face(bbox=bboxes[i, 0:4], kps=kpss[i], det_score=bboxes[i, 4])
-            rec.get(img_bgr, face)
-            faces.append(face)
-        return faces
+        return [self._Face(bbox=bboxes[i, 0:4], kps=kpss[i], det_score=bboxes[i, 4]) for i in range(bboxes.shape[0])]
 
     def detect(self, image_rgb: np.ndarray, name: str = "image") -> list[DetectedFace]:
         """All faces in an ``H×W×3`` uint8 RGB image, largest box first (``[]`` if none at any size)."""
@@ -177,9 +181,10 @@ class FaceAnalyzer:
             logger.info("%s: faces found only at det_size %d (not %d)", name, used, self.det_size)
         crops = [self._face_align.norm_crop(img_bgr, landmark=np.asarray(f.kps), image_size=self.crop_size)[:, :, ::-1]
                  for f in raw]
-        _, maps = self._local(np.stack(crops))
+        embs, maps = self._local(np.stack(crops))  # the one recognizer pass: every face of the image in one batch
         out = []
-        for f, crop, fmap in zip(raw, crops, maps):
+        for f, crop, raw_emb, fmap in zip(raw, crops, embs, maps):
+            f.embedding = raw_emb  # what ArcFaceONNX.get would set; normed_embedding is insightface's L2 norm
             emb = np.asarray(f.normed_embedding, dtype=np.float32).reshape(-1)
             if not np.isfinite(emb).all() or not np.isfinite(fmap).all():
                 raise EmbeddingError(f"{name}: the face embedding contains NaN or infinite values; check the "

@@ -1,7 +1,8 @@
 """Expose an ArcFace recognizer's last spatial feature map (InstantFamily's 2-D "local" identity features).
 
-insightface's ``ArcFaceONNX`` asserts a single output, so the unmodified file stays with ``FaceAnalysis`` and an
-*edited copy* is run here with onnxruntime directly:
+insightface's ``ArcFaceONNX`` asserts a single output, so ``FaceAnalysis`` loads the unmodified file (the analyzer
+reads its routing and normalisation from it, then releases it) and an *edited copy* is run here with onnxruntime
+directly:
 
 1. load the recognizer with ``onnx`` and run shape inference;
 2. take the input of the first ``Flatten`` node (IResNet ``w600k_r50`` / ``glintr100``: the ``bn2`` output,
@@ -10,13 +11,15 @@ insightface's ``ArcFaceONNX`` asserts a single output, so the unmodified file st
    ``Reshape`` is used — or one whose shapes ONNX cannot infer (MobileFaceNet's ``x.view(b, -1)``, onnxruntime
    contrib ops), whose tensors are then measured by running the model once on a zero input;
 3. append that tensor to the graph outputs and save the copy as
-   ``<pack>/.instantfamily_cache/<stem>-<sha256[:16]>.localmap.onnx`` (atomic temp file + ``os.replace``; reused
-   when present; a user cache folder when the pack folder is read-only).
+   ``<pack>/.instantfamily_cache/<stem>-<sha256[:16]>.localmap.onnx`` (written atomically with normal file
+   permissions by :func:`~instantfamily_core.fileio.atomic_path`; reused when present; a user cache folder when
+   the pack folder is read-only).
 
 :class:`LocalMapModel` runs the copy on aligned crops with the recognizer's own normalisation
 (``(x - input_mean) / input_std``, RGB, NCHW — what ``ArcFaceONNX.get_feat`` does) and returns both outputs:
-the raw embedding (identical to insightface's) and the ``(C, L, L)`` map. Crops go through in one batch, or one at
-a time when the graph has a Reshape fixed to batch 1 (or a batched run fails).
+the raw embedding (identical to insightface's: :class:`~.analyzer.FaceAnalyzer` uses it instead of running
+insightface's recognizer, so each face goes through a recognizer once) and the ``(C, L, L)`` map. Crops go through
+in one batch, or one at a time when the graph has a Reshape fixed to batch 1 (or a batched run fails).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFileError
+from ..fileio import atomic_path
 from .packs import CACHE_DIRNAME
 
 logger = logging.getLogger(__name__)
@@ -234,14 +238,8 @@ def _write_edited(src: Path, target: Path) -> None:
             vi = None
         model.graph.output.append(vi if vi is not None and vi.type.tensor_type.HasField("shape")
                                   else onnx.helper.make_empty_tensor_value_info(name))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(target, ".onnx") as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     logger.info("wrote local-map recognizer %s (extra output %s)", target, name)
 
 
