@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import IdentityCountError, MaskError
+from .errors import MaskError, OptionError
 from .masks import resize_masks, validate_masks
 from .stack import SlotLayout
 
@@ -104,9 +104,9 @@ class MaskedCrossAttention:
         n = self.masks.shape[-3]
         w = torch.ones(n) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
         if w.shape != (n,):
-            raise IdentityCountError(f"identity weights: expected {n} weights (one per identity), got {tuple(w.shape)}")
+            raise OptionError(f"identity weights: expected {n} weights (one per identity), got {tuple(w.shape)}")
         if not torch.isfinite(w).all() or (w < 0).any():
-            raise IdentityCountError(f"identity weights: expected finite values ≥ 0, got {w.tolist()}")
+            raise OptionError(f"identity weights: expected finite values ≥ 0, got {w.tolist()}")
         self.weights = w
         self.tokens_per_identity = int(tokens_per_identity)
         self.mode = mode

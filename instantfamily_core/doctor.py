@@ -271,6 +271,17 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else ""
 
 
+def _model_file_error(message: str) -> ValueError:
+    """A :class:`~instantfamily_core.errors.ModelFileError` for a weights file the doctor rejects. The package's
+    ``__init__`` imports torch and this module must still run when torch is broken, so then it is a plain
+    ``ValueError`` with the same message; either way the check that called it turns it into a FAIL row."""
+    try:
+        from instantfamily_core.errors import ModelFileError
+    except Exception:  # noqa: BLE001 - a broken torch is reported by its own row
+        return ValueError(message)
+    return ModelFileError(message)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # model files
 
@@ -442,12 +453,12 @@ def _tensor_shapes(p: Path) -> dict:
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ValueError(f"expected a state dict, found {type(sd).__name__}")
+        raise _model_file_error(f"expected a state dict, found {type(sd).__name__}")
     return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
 
 def openpose_layout(shapes: dict) -> str:
-    """``ldm`` / ``diffusers`` (ComfyUI's detection keys); raises ValueError naming what is wrong."""
+    """``ldm`` / ``diffusers`` (ComfyUI's detection keys); raises ModelFileError naming what is wrong."""
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         hint = shapes["controlnet_cond_embedding.conv_in.weight"]
         ctx = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
@@ -455,16 +466,17 @@ def openpose_layout(shapes: dict) -> str:
     else:
         prefix = "control_model." if "control_model.zero_convs.0.0.weight" in shapes else ""
         if prefix + "zero_convs.0.0.weight" not in shapes:
-            raise ValueError("no ControlNet keys (neither ldm 'zero_convs.0.0.weight' nor diffusers "
-                             "'controlnet_cond_embedding.conv_in.weight')")
+            raise _model_file_error("no ControlNet keys (neither ldm 'zero_convs.0.0.weight' nor diffusers "
+                                    "'controlnet_cond_embedding.conv_in.weight')")
         hint = shapes.get(prefix + "input_hint_block.0.weight")
         ctx = next((s for k, s in shapes.items() if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
         layout = "ldm"
     if hint is None or len(hint) != 4 or hint[1] != 3:
-        raise ValueError(f"the hint input takes {hint[1] if hint and len(hint) == 4 else '?'} channels, an OpenPose "
-                         "ControlNet takes an RGB image (3)")
+        raise _model_file_error(f"the hint input takes {hint[1] if hint and len(hint) == 4 else '?'} channels, an "
+                                "OpenPose ControlNet takes an RGB image (3)")
     if ctx is None or ctx[1] != 768:
-        raise ValueError(f"cross-attention width {ctx[1] if ctx else '?'}; SD1.5 ControlNets have 768 (SDXL: 2048)")
+        raise _model_file_error(f"cross-attention width {ctx[1] if ctx else '?'}; SD1.5 ControlNets have 768 "
+                                "(SDXL: 2048)")
     return layout
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import FaceKeypointsError, IdentityCountError, PoseError
+from .errors import FaceKeypointsError, IdentityCountError, OptionError, PoseError
 from .masks import boxes_to_masks
 
 NOSE, NECK, R_EYE, L_EYE, R_EAR, L_EAR = 0, 1, 14, 15, 16, 17
@@ -350,7 +350,7 @@ def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence
     if num_identities < 0:
         raise IdentityCountError(f"identities: count must be ≥ 0, got {num_identities}")
     if not 0 <= margin <= 10:
-        raise PoseError(f"margin: expected a fraction between 0 and 10 (0.25 = 25 %), got {margin}")
+        raise OptionError(f"margin: expected a fraction between 0 and 10 (0.25 = 25 %), got {margin}")
     empty = {int(n) for n in empty}
     if any(not 0 <= n < num_identities for n in empty):
         raise IdentityCountError(f"empty slots {sorted(empty)}: out of range for {num_identities} identities")
@@ -384,11 +384,11 @@ def assign_slots(frame: PoseFrame, num_identities: int, order: Optional[Sequence
                                      "give one person index per identity")
         people = [i for i in chosen if i is not None]
         if len(set(people)) != len(people):
-            raise IdentityCountError(f"identity order: person indices repeat in {chosen}")
+            raise OptionError(f"identity order: person indices repeat in {chosen}")
         for i in people:
             if not 0 <= i < len(frame.people):
-                raise IdentityCountError(f"identity order: person {i} does not exist; the pose has "
-                                         f"{len(frame.people)} people (indices 0…{len(frame.people) - 1})")
+                raise OptionError(f"identity order: person {i} does not exist; the pose has "
+                                  f"{len(frame.people)} people (indices 0…{len(frame.people) - 1})")
             if boxes[i] is None:
                 raise FaceKeypointsError(f"{name}: person {i} has no usable face keypoints (no nose, eyes, ears "
                                          "or face points) and cannot hold an identity")
@@ -405,8 +405,8 @@ def parse_order(text: str, name: str = "identity_order") -> Optional[list[int]]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise IdentityCountError(f"{name}: expected comma-separated person indices like '1,0,2' or 'auto', "
-                                 f"got {text!r}") from None
+        raise OptionError(f"{name}: expected comma-separated person indices like '1,0,2' or 'auto', "
+                          f"got {text!r}") from None
 
 
 def pose_from_faces(faces, width: int, height: int) -> dict:

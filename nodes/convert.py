@@ -7,14 +7,14 @@ import math
 import numpy as np
 import torch
 
-from instantfamily_core.errors import InstantFamilyError
+from instantfamily_core.errors import ImageInputError, OptionError
 
 
 def images_to_uint8(image: torch.Tensor, name: str) -> list[np.ndarray]:
     """IMAGE ``(B, H, W, C)`` float in [0, 1] → list of ``H×W×3`` uint8 RGB arrays."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise InstantFamilyError(f"{name}: expected an IMAGE batch (B, H, W, 3), got "
-                                 f"{tuple(getattr(image, 'shape', ()))}")
+        raise ImageInputError(f"{name}: expected an IMAGE batch (B, H, W, 3), got "
+                              f"{tuple(getattr(image, 'shape', ()))}")
     arr = (image[..., :3].expand(*image.shape[:3], 3).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [np.ascontiguousarray(a) for a in arr]
 
@@ -34,12 +34,12 @@ def parse_weights(text: str, count: int, name: str = "identity_weights") -> list
     try:
         values = [float(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise InstantFamilyError(f"{name}: expected comma-separated numbers like '1.0, 0.8', got {text!r}") from None
+        raise OptionError(f"{name}: expected comma-separated numbers like '1.0, 0.8', got {text!r}") from None
     bad = [v for v in values if not math.isfinite(v) or v < 0]
     if bad:
-        raise InstantFamilyError(f"{name}: weights must be finite numbers ≥ 0 (0 turns an identity off), got "
-                                 f"{bad[0]!r} in {text!r}")
+        raise OptionError(f"{name}: weights must be finite numbers ≥ 0 (0 turns an identity off), got "
+                          f"{bad[0]!r} in {text!r}")
     if len(values) != count:
-        raise InstantFamilyError(f"{name}: {len(values)} weights for {count} identities; give one per identity "
-                                 "or leave empty for all 1.0")
+        raise OptionError(f"{name}: {len(values)} weights for {count} identities; give one per identity "
+                          "or leave empty for all 1.0")
     return values

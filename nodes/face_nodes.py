@@ -9,7 +9,7 @@ import folder_paths
 import comfy.model_management
 from comfy.utils import ProgressBar
 
-from instantfamily_core.errors import EmbeddingError, NoFaceError
+from instantfamily_core.errors import NoFaceError, OptionError
 from instantfamily_core.faces import PROVIDER_CHOICES, get_analyzer
 from instantfamily_core.identity import IdentityFeatures, SkippedIdentity, load_identities, save_identities
 
@@ -137,7 +137,7 @@ class SaveIdentities:
     def save(self, identities, filename):
         base = os.path.basename(filename.strip())
         if not base or base in (".", ".."):
-            raise EmbeddingError(f"filename: expected a file name like 'family', got {filename!r}")
+            raise OptionError(f"filename: expected a file name like 'family', got {filename!r}")
         if not base.endswith(".safetensors"):
             base += ".safetensors"
         folder = folder_paths.get_folder_paths(paths.IDENTITIES_FOLDER)[-1]

@@ -11,7 +11,7 @@ import torch
 
 from instantfamily_core.attention import MODES, MaskedCrossAttention
 from instantfamily_core.checkpoint import CheckpointMeta, load_checkpoint
-from instantfamily_core.errors import BaseModelError, IdentityCountError
+from instantfamily_core.errors import BaseModelError, IdentityCountError, OptionError
 from instantfamily_core.identity import is_skipped, skipped_slots
 from instantfamily_core.projector import IdentityProjector
 
@@ -63,7 +63,7 @@ def check_apply_inputs(identities, masks, weight: float, identity_weights: str, 
     if n == 0:
         raise IdentityCountError("identities: the list is empty; encode at least one identity")
     if start_at > end_at:
-        raise IdentityCountError(f"start_at ({start_at}) must not be after end_at ({end_at})")
+        raise OptionError(f"start_at ({start_at}) must not be after end_at ({end_at})")
     return n, check_masks(masks, n), [weight * w for w in parse_weights(identity_weights, n)]
 
 

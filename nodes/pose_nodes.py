@@ -12,7 +12,7 @@ import torch
 from comfy.utils import ProgressBar
 from nodes import MAX_RESOLUTION  # ComfyUI's nodes.py (this package is <pack>.nodes, never the top-level name)
 
-from instantfamily_core.errors import MaskError, ModelFileError, PoseError
+from instantfamily_core.errors import MaskError, ModelFileError, OptionError, PoseError
 from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
 from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, count_frames, parse_order, parse_pose,
@@ -38,7 +38,7 @@ def template_names() -> list[str]:
 def load_template(name: str):
     path = os.path.join(TEMPLATES_DIR, os.path.basename(name))
     if not os.path.isfile(path):
-        raise PoseError(f"template: {name!r} not found in {TEMPLATES_DIR}; choose one of {template_names()}")
+        raise OptionError(f"template: {name!r} not found in {TEMPLATES_DIR}; choose one of {template_names()}")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -113,7 +113,7 @@ class PoseToMasks:
         elif control_image == CONTROL_STYLES[1]:
             control = draw_openpose_image(slots.frame)
         else:
-            raise PoseError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
+            raise OptionError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
         preview = draw_preview(control, slots, out_masks)
         if note:
             preview = _caption(preview, note)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from instantfamily_core.attention import MaskedCrossAttention, paper_attention, sdpa_attention
-from instantfamily_core.errors import IdentityCountError, MaskError
+from instantfamily_core.errors import IdentityCountError, MaskError, OptionError
 from instantfamily_core.stack import SlotLayout
 
 HEADS, DH, T, TEXT = 2, 8, 3, 5
@@ -256,9 +256,9 @@ def test_many_identities_up_to_16():
 def test_bad_inputs_raise_typed_errors():
     with pytest.raises(MaskError, match="mask mode"):
         MaskedCrossAttention(_masks(), T, mode="multiply")
-    with pytest.raises(IdentityCountError, match="2 weights"):
+    with pytest.raises(OptionError, match="2 weights"):
         MaskedCrossAttention(_masks(), T, weights=[1.0])
-    with pytest.raises(IdentityCountError, match="≥ 0"):
+    with pytest.raises(OptionError, match="≥ 0"):
         MaskedCrossAttention(_masks(), T, weights=[1.0, -1.0])
     attn = MaskedCrossAttention(_masks(), T)
     q, k, v = _qkv(2)

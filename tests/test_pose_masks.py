@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from instantfamily_core.errors import FaceKeypointsError, IdentityCountError, MaskError, PoseError
+from instantfamily_core.errors import FaceKeypointsError, IdentityCountError, MaskError, OptionError, PoseError
 from instantfamily_core.masks import boxes_to_masks, feature_size_for, resize_masks, validate_masks
 from instantfamily_core.pose import assign_slots, expand_box, face_box, parse_order, parse_pose
 from support.poses import frame, person
@@ -176,11 +176,11 @@ def test_bad_pose_inputs():
     f = parse_pose(json.dumps(frame([person(100, 100), person(300, 100)])))
     with pytest.raises(IdentityCountError, match="only 2 people"):
         assign_slots(f, 3)
-    with pytest.raises(IdentityCountError, match="does not exist"):
+    with pytest.raises(OptionError, match="does not exist"):
         assign_slots(f, 1, order=[5])
-    with pytest.raises(IdentityCountError, match="repeat"):
+    with pytest.raises(OptionError, match="repeat"):
         assign_slots(f, 2, order=[0, 0])
-    with pytest.raises(IdentityCountError, match="1,0,2"):
+    with pytest.raises(OptionError, match="1,0,2"):
         parse_order("a,b")
     assert parse_order(" 1, 0 ") == [1, 0] and parse_order("auto") is None
 

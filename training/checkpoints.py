@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from instantfamily_core.errors import OptionError
 from instantfamily_core.fileio import write_text_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -94,14 +95,19 @@ def prune(root: Path, keep: int) -> list[Path]:
     return gone
 
 
+def check_ema_decay(decay: float) -> float:
+    """``--ema-decay`` if it is in (0, 1), else :class:`~instantfamily_core.errors.OptionError`."""
+    if not 0 < decay < 1:
+        raise OptionError(f"--ema-decay: expected a value in (0, 1), got {decay}")
+    return float(decay)
+
+
 class EMA:
     """Exponential moving average of the trainable parameters (fp32 shadow copy, decay warm-up
     ``min(decay, (1 + n) / (10 + n))``)."""
 
     def __init__(self, module: torch.nn.Module, decay: float = 0.9999):
-        if not 0 < decay < 1:
-            raise ValueError(f"--ema-decay: expected a value in (0, 1), got {decay}")
-        self.decay = float(decay)
+        self.decay = check_ema_decay(decay)
         self.updates = 0
         self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters() if p.requires_grad}
 

@@ -38,7 +38,7 @@ if not __package__:  # run as a file, not as python -m training.generate
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from instantfamily_core.errors import CheckpointError, IdentityCountError, InstantFamilyError  # noqa: E402
+from instantfamily_core.errors import CheckpointError, InstantFamilyError  # noqa: E402
 from instantfamily_core.fileio import atomic_path  # noqa: E402
 from instantfamily_core.masks import boxes_to_masks  # noqa: E402
 from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose, person_for_box  # noqa: E402
@@ -131,8 +131,8 @@ class CaseLayout:
 def template_path(n: int) -> Path:
     path = TEMPLATES_DIR / f"family_{n}.json"
     if not path.is_file():
-        raise IdentityCountError(f"no bundled pose template for {n} identities (family_1 … family_8); give the case "
-                                 "'slots' with a 'pose' file")
+        raise GenerateError(f"no bundled pose template for {n} identities (family_1 … family_8); give the case "
+                            "'slots' with a 'pose' file")
     return path
 
 
@@ -357,7 +357,7 @@ class Generator:
         b = len(prompts)
         ns = {len(i) for i in identities}
         if len(ns) != 1:
-            raise IdentityCountError(f"a batch needs the same number of identities per row, got {sorted(ns)}")
+            raise GenerateError(f"a batch needs the same number of identities per row, got {sorted(ns)}")
         g = torch.stack([torch.stack([f.global_embedding.float() for f in row]) for row in identities])
         loc = torch.stack([torch.stack([f.local_map.float() for f in row]) for row in identities])
         ids = IdentityBatch(g, loc, torch.ones(g.shape[:2], dtype=torch.bool)).to(self.device)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from instantfamily_core.attention import MaskedCrossAttention, sdpa_attention
+from instantfamily_core.errors import MaskError
 from instantfamily_core.masks import feature_size_for
 
 KWARG = "instantfamily"
@@ -43,8 +44,8 @@ class MaskedCrossAttnProcessor:
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  instantfamily: Optional[MaskContext] = None, **kwargs) -> torch.Tensor:
         if attention_mask is not None:
-            raise ValueError("attention_mask: InstantFamily cross-attention takes its masks from the "
-                             "'instantfamily' cross_attention_kwargs entry, not from attention_mask")
+            raise MaskError("attention_mask: InstantFamily cross-attention takes its masks from the "
+                            "'instantfamily' cross_attention_kwargs entry, not from attention_mask")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

@@ -236,6 +236,7 @@ def train(args) -> int:
     for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "num_slots", "log_every"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')}: expected ≥ 1, got {getattr(args, name)}")
+    ck.check_ema_decay(args.ema_decay)  # before any model is loaded
     out = Path(args.output)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision=args.mixed_precision,
                               log_with="tensorboard",
