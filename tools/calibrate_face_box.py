@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m tools.calibrate_face_box
+    import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
 
 from instantfamily_core.pose import face_box, parse_pose  # noqa: E402
 

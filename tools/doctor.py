@@ -18,9 +18,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+if not __package__:  # run as a file, not as python -m tools.doctor
+    import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def load_doctor():

@@ -12,14 +12,12 @@ excluded). Random queries and keys at SD1.5's widths (8 heads of 40, 77 text tok
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m tools.identity_share
+    import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
 
 from instantfamily_core.attention import MODES, MaskedCrossAttention  # noqa: E402
 

@@ -14,9 +14,8 @@ import argparse
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m training.evaluate
+    import _bootstrap  # noqa: F401  (training/_bootstrap.py: the repository root first on sys.path)
 
 from instantfamily_core.errors import InstantFamilyError  # noqa: E402
 from training.evaluation.cases import load_cases  # noqa: E402

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+if not __package__:  # run as a file, not as python -m training.export
+    import _bootstrap  # noqa: F401  (training/_bootstrap.py: the repository root first on sys.path)
 
 from instantfamily_core.errors import CheckpointError, InstantFamilyError  # noqa: E402
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # noqa: E402
