@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import runpy
 import statistics
 import sys
 import time
@@ -19,8 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+runpy.run_path(str(REPO / "training" / "_bootstrap.py"))  # the one import bootstrap: the repository root first
 
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
 from tools.devkit.identities import random_identities as identities  # noqa: E402,F401

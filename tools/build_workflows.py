@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
+if not __package__:  # run as a file, not as python -m tools.build_workflows
+    import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
 
 from tools.devkit.comfy_server import ComfyServer  # noqa: E402
 from tools.devkit.workflow_format import api_to_ui  # noqa: E402
