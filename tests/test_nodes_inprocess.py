@@ -323,6 +323,15 @@ def test_apply_errors(host, ifmodel):
     with pytest.raises(Exception, match="weights"):
         node.apply(model, ifmodel, identities(2), img, torch.zeros(2, 128, 128), cond(1), cond(2),
                    **{**args, "identity_weights": "1"})
+    from instantfamily_core.errors import OptionError  # bad option values: OptionError, not IdentityCountError
+    with pytest.raises(OptionError, match=r"identity_weights: 1 weights for 2 identities"):
+        node.apply(model, ifmodel, identities(2), img, torch.zeros(2, 128, 128), cond(1), cond(2),
+                   **{**args, "identity_weights": "1"})
+    with pytest.raises(OptionError, match=r"start_at \(0.8\) must not be after end_at \(0.2\)"):
+        node.apply(model, ifmodel, identities(2), img, torch.zeros(2, 128, 128), cond(1), cond(2),
+                   **{**args, "start_at": 0.8, "end_at": 0.2})
+    with pytest.raises(OptionError, match="filename"):
+        m["face_nodes"].SaveIdentities().save(identities(1), " .. ")
     sd2 = model.clone()
     sd2.model.model_config = comfy.supported_models.SD20(dict(sd2.model.model_config.unet_config))
     with pytest.raises(BaseModelError, match="Stable Diffusion 1.5"):
@@ -347,6 +356,11 @@ def test_pose_to_masks_node_outputs_and_errors(host):
                  masks=torch.ones(2, 64, 64))
     with pytest.raises(PoseError, match="template"):
         node.run(identities(1), "none (use pose_keypoint)", 64, 64, 0.25, "auto")
+    from instantfamily_core.errors import OptionError
+    with pytest.raises(OptionError, match="template: 'nope.json' not found"):
+        node.run(identities(1), "nope.json", 64, 64, 0.25, "auto")
+    with pytest.raises(OptionError, match="identity_order"):
+        node.run(identities(2), "none (use pose_keypoint)", 64, 64, 0.25, "left, right", pose_keypoint=pose_for(2))
     user = torch.zeros(3, 32, 32)
     user[:, :8, :8] = 1
     _, got, _ = node.run(identities(3), "none (use pose_keypoint)", 64, 64, 0.25, "auto",
