@@ -43,6 +43,7 @@ from instantfamily_core.pose import (DEFAULT_MARGIN, PoseFrame, assign_slots, ex
                                      parse_pose, poses_from_controlnet_aux)
 from training.data import (FORMAT_VERSION, MANIFEST, MANIFEST_FORMAT, DatasetError, PreparedSample,  # noqa: E402
                            read_shard_metadata, shard_name, with_detector_boxes, write_shard)
+from training.evaluation.metrics import hungarian_match  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -182,9 +183,13 @@ def read_pose(item: InputItem, image: np.ndarray, detector: Optional[PoseDetecto
 
 
 def match_faces(frame: PoseFrame, boxes: list[np.ndarray], margin: float) -> dict[int, int]:
-    """person index → detected face index: the detection centre must lie in the person's face box (+ margin);
-    closest pairs first, one-to-one."""
-    pairs = []
+    """person index → detected face index, one-to-one, by optimal assignment.
+
+    A pair is allowed when the detection centre lies in the person's face box (+ margin); its cost is the distance
+    between the detection centre and the face box centre. Of all one-to-one matchings of allowed pairs, the one
+    with the most pairs and, among those, the smallest total distance is returned (``hungarian_match``, scipy's
+    ``linear_sum_assignment``). Taking the closest pair first instead can take a person's only allowed face."""
+    cost = np.full((len(frame.people), len(boxes)), np.inf)
     for p, person in enumerate(frame.people):
         fb = face_box(person)
         if fb is None:
@@ -194,14 +199,15 @@ def match_faces(frame: PoseFrame, boxes: list[np.ndarray], margin: float) -> dic
         for d, b in enumerate(boxes):
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             if x1 <= cx <= x2 and y1 <= cy <= y2:
-                pairs.append((float(np.hypot(cx - pc[0], cy - pc[1])), p, d))
-    taken_p, taken_d, out = set(), set(), {}
-    for _, p, d in sorted(pairs):
-        if p not in taken_p and d not in taken_d:
-            out[p] = d
-            taken_p.add(p)
-            taken_d.add(d)
-    return out
+                cost[p, d] = float(np.hypot(cx - pc[0], cy - pc[1]))
+    allowed = np.isfinite(cost)
+    if not allowed.any():
+        return {}
+    # A disallowed pair costs more than all allowed pairs together, so a matching with more allowed pairs always
+    # wins; disallowed pairs the solver had to fill in are dropped.
+    forbidden = float(cost[allowed].sum()) + 1.0
+    match = hungarian_match(np.where(allowed, -cost, -forbidden))
+    return {p: d for p, d in enumerate(match) if d is not None and allowed[p, d]}
 
 
 def crop_geometry(w: int, h: int, r: int) -> tuple[float, float, float]:
