@@ -9,8 +9,13 @@ result cache), not the cost of real detector/recognizer weights — for that pas
     python benchmarks/bench_faces.py --root ComfyUI/models/insightface --pack antelopev2 --images photos/
 
 Each round makes fresh images (different pixels → no cache hit), encodes every image once (cold: detection,
-alignment, recognizer, local map) and then again (warm: the analyzer's per-image result cache). Rounds alternate,
-median over rounds.
+alignment, recognizer, local map), then again (warm: the analyzer's per-image result cache), then runs only the
+detector on the same images at ``det_size`` (insightface's ``det_model.detect``): first run minus detector = the
+encoding stage per face (pixel hash, alignment, recognizer, local map; with photos also any retry at a smaller
+detector size). Rounds alternate, median over rounds. One more pass on fresh images counts the rows fed to
+onnxruntime outside the detector (``tools.devkit.onnx_runs``): recognizer passes per face. Times are wall-clock;
+the per-face rows are also given in this process's CPU time (all threads; steadier than wall-clock when other
+processes load the cores, though it counts onnxruntime's spinning threads too).
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
 
     photos = photo_images(args.images) if args.images else None
-    cold_face, cold_img, warm_img, faces_seen = [], [], [], []
+    cold_face, cold_img, warm_img, enc_face, faces_seen = [], [], [], [], []
+    cold_face_cpu, enc_face_cpu = [], []
+    det = analyzer.app.det_model
     analyzer.encode(photos[0] if photos else generated_images(1, args.faces, 10_000)[0], "warmup")
     for r in range(args.repeats):
         if photos:  # real photos cannot be made "fresh": drop the cache instead
@@ -88,23 +95,41 @@ def main(argv=None):
         else:
             images = generated_images(args.count, args.faces, r)
         nfaces = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, img in enumerate(images):
             nfaces += len(analyzer.detect(img, f"image {i}"))
-        cold = time.perf_counter() - t0
+        cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
         hits0 = analyzer.cache_hits
         t0 = time.perf_counter()
         for i, img in enumerate(images):
             analyzer.encode(img, f"image {i}", on_no_face="skip")
         warm = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for img in images:  # the detector alone, as the analyzer calls it at the prepared size
+            det.detect(img[:, :, ::-1].copy(), input_size=(args.det_size, args.det_size), max_num=0, metric="default")
+        det_only, det_only_cpu = time.perf_counter() - t0, time.process_time() - c0
         if analyzer.cache_hits - hits0 != len(images):
             print(f"warning: round {r}: {analyzer.cache_hits - hits0} cache hits for {len(images)} images")
         faces_seen.append(nfaces)
         cold_face.append(cold / max(nfaces, 1) * 1e3)
         cold_img.append(cold / len(images) * 1e3)
         warm_img.append(warm / len(images) * 1e3)
+        enc_face.append((cold - det_only) / max(nfaces, 1) * 1e3)
+        cold_face_cpu.append(cold_cpu / max(nfaces, 1) * 1e3)
+        enc_face_cpu.append((cold_cpu - det_only_cpu) / max(nfaces, 1) * 1e3)
+
+    from tools.devkit.onnx_runs import onnx_runs, outside_detector
+    if photos:
+        analyzer._cache.clear()
+    counted = photos or generated_images(args.count, args.faces, args.repeats)
+    with onnx_runs(det) as runs:
+        counted_faces = sum(len(analyzer.detect(img, f"image {i}")) for i, img in enumerate(counted))
+    rec_rows, rec_runs = sum(outside_detector(runs)), len(outside_detector(runs))
+    passes = rec_rows / max(counted_faces, 1)
 
     cf, ci, wi = C.summarize(cold_face), C.summarize(cold_img), C.summarize(warm_img)
+    ef = C.summarize(enc_face)
+    cf_cpu, ef_cpu = C.summarize(cold_face_cpu), C.summarize(enc_face_cpu)
     env = C.environment("cpu")
     try:
         import insightface
@@ -112,12 +137,16 @@ def main(argv=None):
         env.update(insightface=insightface.__version__, onnxruntime=onnxruntime.__version__)
     except ImportError:
         pass
-    rows = [["first run: ms per face (detect + align + global + local)", f"{cf['median']:.2f}",
-             f"{cf['p25']:.2f}–{cf['p75']:.2f}", f"{cf['min']:.2f}", f"{cf['max']:.2f}"],
-            ["first run: ms per image", f"{ci['median']:.2f}", f"{ci['p25']:.2f}–{ci['p75']:.2f}",
-             f"{ci['min']:.2f}", f"{ci['max']:.2f}"],
-            ["second run, same images (encode, cached): ms per image", f"{wi['median']:.3f}",
-             f"{wi['p25']:.3f}–{wi['p75']:.3f}", f"{wi['min']:.3f}", f"{wi['max']:.3f}"]]
+    def row(label, st, digits=2):
+        return [label, f"{st['median']:.{digits}f}", f"{st['p25']:.{digits}f}–{st['p75']:.{digits}f}",
+                f"{st['min']:.{digits}f}", f"{st['max']:.{digits}f}"]
+
+    rows = [row("first run: ms per face (detect + align + global + local)", cf),
+            row("first run minus detector: ms per face (hash + align + recognizer + local map)", ef),
+            row("first run, CPU time: ms per face", cf_cpu),
+            row("first run minus detector, CPU time: ms per face", ef_cpu),
+            row("first run: ms per image", ci),
+            row("second run, same images (encode, cached): ms per image", wi, 3)]
     what = (f"pack `{args.pack}` from {args.root}" if args.root else
             "tiny generated ONNX pack (pipeline cost only, not real SCRFD/ArcFace weights)")
     md = ["## Face encoding", "",
@@ -127,10 +156,14 @@ def main(argv=None):
           f"Pack generation {gen_s:.1f}s, analyzer load {load_s:.2f}s (once per process: `get_analyzer` caches it).",
           "", C.markdown_table(["measure", "median", "IQR", "min", "max"], rows), "",
           f"Second run / first run per image: {wi['median'] / ci['median']:.4f}× "
-          f"(cache hits {analyzer.cache_hits}, misses {analyzer.cache_misses})."]
+          f"(cache hits {analyzer.cache_hits}, misses {analyzer.cache_misses}).", "",
+          f"Recognizer passes per face: {passes:.2f} ({rec_rows} crops in {rec_runs} onnxruntime runs outside the "
+          f"detector, {counted_faces} faces in {len(counted)} images)."]
     C.write_outputs(args.out, "faces", "\n".join(md), {
         "environment": env, "pack": args.pack, "tiny": args.root is None, "load_s": load_s,
-        "cold_ms_per_face": cf, "cold_ms_per_image": ci, "warm_ms_per_image": wi,
+        "cold_ms_per_face": cf, "cold_ms_per_image": ci, "warm_ms_per_image": wi, "encode_ms_per_face": ef,
+        "cold_cpu_ms_per_face": cf_cpu, "encode_cpu_ms_per_face": ef_cpu,
+        "recognizer_passes_per_face": passes, "recognizer_runs": rec_runs, "recognizer_rows": rec_rows,
         "faces_per_round": faces_seen, "cache_hits": analyzer.cache_hits, "cache_misses": analyzer.cache_misses})
     if tmp is not None:
         tmp.cleanup()

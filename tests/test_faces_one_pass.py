@@ -1,10 +1,10 @@
 """One recognizer pass per face, through the REAL insightface FaceAnalysis (tiny generated ONNX packs).
 
-Every ``onnxruntime.InferenceSession.run`` is counted: outside the detector's ``detect`` calls only the edited
-recognizer copy may run, once per image with all of its faces in one batch (one crop at a time for a head fixed to
-batch 1), so each face goes through a recognizer exactly once. The embedding it gives must be insightface's: the
-reference is insightface's own ``ArcFaceONNX`` (loaded here through ``insightface.model_zoo``, independent of the
-analyzer) run by ``ArcFaceONNX.get`` on the same image and keypoints.
+Every ``onnxruntime.InferenceSession.run`` is counted (``tools.devkit.onnx_runs``): outside the detector's
+``detect`` calls only the edited recognizer copy may run, once per image with all of its faces in one batch (one
+crop at a time for a head fixed to batch 1), so each face goes through a recognizer exactly once. The embedding it
+gives must be insightface's: the reference is insightface's own ``ArcFaceONNX`` (loaded here through
+``insightface.model_zoo``, independent of the analyzer) run by ``ArcFaceONNX.get`` on the same image and keypoints.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import shutil
 import stat
 
 import numpy as np
-import onnxruntime
 import pytest
 
 from instantfamily_core.faces import FaceAnalyzer, local_map_model_path
 from tools.devkit.face_models import (BATCH1_REC_FILE, REC_FILE, draw_faces, make_pack_with_recognizer,
                                       session_tiny_root)
+from tools.devkit.onnx_runs import onnx_runs, outside_detector
 
 BLUE, GREEN, YELLOW = (0, 0, 255), (0, 255, 0), (255, 255, 0)
 THREE = dict(canvas_hw=(640, 640), centers=[(160, 192), (480, 320), (320, 512)], identity_colors=[BLUE, GREEN, YELLOW])
@@ -38,48 +38,13 @@ def batch1_root(tmp_path_factory):
     return root
 
 
-class RunSpy:
-    """Records every ``InferenceSession.run`` (insightface's sessions subclass it) as (session, rows of input 0,
-    inside the detector's ``detect``). insightface 2.x's detector may keep one session per input size, so detector
-    runs are told apart by when they happen, not by session."""
-
-    def __init__(self, monkeypatch):
-        self.runs, self.in_detector, self.monkeypatch = [], False, monkeypatch
-        real_run = onnxruntime.InferenceSession.run
-
-        def run(sess, output_names, input_feed, *a, **k):
-            self.runs.append((sess, len(next(iter(input_feed.values()))), self.in_detector))
-            return real_run(sess, output_names, input_feed, *a, **k)
-
-        monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
-
-    def watch(self, analyzer):
-        det = analyzer.app.det_model
-        real_detect = det.detect
-
-        def detect(*a, **k):
-            self.in_detector = True
-            try:
-                return real_detect(*a, **k)
-            finally:
-                self.in_detector = False
-
-        self.monkeypatch.setattr(det, "detect", detect)
-        self.runs.clear()  # building the analyzer may probe models
-        return analyzer
-
-    def recognizer_batches(self, analyzer) -> list[int]:
-        """Batch sizes of the recognizer runs; fails on a run of any other session outside detection."""
-        local = analyzer._local.session
-        others = [s for s, _, in_det in self.runs if not in_det and s is not local]
-        assert not others, f"{len(others)} run(s) of another onnxruntime session (insightface's own recognizer?)"
-        assert not any(s is local for s, _, in_det in self.runs if in_det)
-        return [n for s, n, _ in self.runs if s is local]
-
-
-@pytest.fixture
-def ort_runs(monkeypatch):
-    return RunSpy(monkeypatch)
+def recognizer_batches(analyzer, runs) -> list[int]:
+    """Batch sizes of the recognizer runs; fails on a run of any other session outside detection."""
+    local = analyzer._local.session
+    others = [r for r in runs if not r.in_detector and r.session is not local]
+    assert not others, f"{len(others)} run(s) of another onnxruntime session (insightface's own recognizer?)"
+    assert not any(r.session is local for r in runs if r.in_detector)
+    return outside_detector(runs, local)
 
 
 def insightface_reference(rec_file, img_rgb, kps) -> tuple[np.ndarray, np.ndarray]:
@@ -109,21 +74,23 @@ def test_insightface_recognizer_is_released(face_root):
     assert analyzer.recognizer_file.name == REC_FILE and analyzer.crop_size == 112
 
 
-def test_one_batched_recognizer_run_per_image(face_root, ort_runs):
-    analyzer = ort_runs.watch(FaceAnalyzer(face_root, "tinypack", provider="CPU", det_size=640))
-    faces = analyzer.detect(draw_faces(**THREE), "three")
+def test_one_batched_recognizer_run_per_image(face_root):
+    analyzer = FaceAnalyzer(face_root, "tinypack", provider="CPU", det_size=640)
+    with onnx_runs(analyzer.app.det_model) as runs:
+        faces = analyzer.detect(draw_faces(**THREE), "three")
     assert len(faces) == 3
-    assert ort_runs.recognizer_batches(analyzer) == [3]  # one run, the three crops in one batch: one pass per face
-    assert sum(in_det for *_, in_det in ort_runs.runs) == 1  # and one detector run
+    assert recognizer_batches(analyzer, runs) == [3]  # one run, the three crops in one batch: one pass per face
+    assert sum(r.in_detector for r in runs) == 1  # and one detector run
 
-    ort_runs.runs.clear()  # a face found only at a retry size (576) takes the same single pass
-    faces = analyzer.detect(draw_faces((640, 640), [(400, 400)], [(255, 0, 0)], size=104), "off-grid")
+    with onnx_runs(analyzer.app.det_model) as runs:  # a face found only at a retry size (576): the same one pass
+        faces = analyzer.detect(draw_faces((640, 640), [(400, 400)], [(255, 0, 0)], size=104), "off-grid")
     assert len(faces) == 1 and faces[0].det_size == 576
-    assert ort_runs.recognizer_batches(analyzer) == [1]
+    assert recognizer_batches(analyzer, runs) == [1]
+    assert sum(r.in_detector for r in runs) == 2  # 640 (nothing), then 576
 
-    ort_runs.runs.clear()  # encode of a cached image: no run at all
-    analyzer.encode(draw_faces(**THREE), "three again")
-    assert ort_runs.runs == []
+    with onnx_runs(analyzer.app.det_model) as runs:  # encode of a cached image: no run at all
+        analyzer.encode(draw_faces(**THREE), "three again")
+    assert runs == []
 
 
 def test_embedding_is_insightfaces(face_root):
@@ -141,13 +108,14 @@ def test_embedding_is_insightfaces(face_root):
     assert_same_embedding(f.global_embedding, insightface_reference(analyzer.recognizer_file, off_grid, f.kps)[0])
 
 
-def test_batch1_head_one_run_per_face_and_insightfaces_embedding(batch1_root, ort_runs):
-    analyzer = ort_runs.watch(FaceAnalyzer(batch1_root, "batch1pack", provider="CPU", det_size=512))
+def test_batch1_head_one_run_per_face_and_insightfaces_embedding(batch1_root):
+    analyzer = FaceAnalyzer(batch1_root, "batch1pack", provider="CPU", det_size=512)
     assert analyzer._local.fixed_batch == 1 and analyzer.recognizer_file.name == BATCH1_REC_FILE
     img = draw_faces(**TWO)
-    faces = analyzer.detect(img, "two")
+    with onnx_runs(analyzer.app.det_model) as runs:
+        faces = analyzer.detect(img, "two")
     assert len(faces) == 2
-    assert ort_runs.recognizer_batches(analyzer) == [1, 1]
+    assert recognizer_batches(analyzer, runs) == [1, 1]
     for f in faces:
         assert_same_embedding(f.global_embedding, insightface_reference(analyzer.recognizer_file, img, f.kps)[0])
 

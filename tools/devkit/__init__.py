@@ -7,7 +7,8 @@
 * :mod:`~tools.devkit.workflow_format` — API-format prompts ↔ the frontend's UI (LiteGraph) workflows;
 * :mod:`~tools.devkit.identities` — random but valid identities (global embedding + local map);
 * :mod:`~tools.devkit.face_models` — a tiny, generated insightface-compatible ONNX model pack and images its
-  detector finds.
+  detector finds;
+* :mod:`~tools.devkit.onnx_runs` — count onnxruntime runs (which session, how many rows, inside the detector or not).
 
 Test-only generators (fixtures, fuzzing, tiny SD1.5 models, ComfyUI-layout model files) stay in ``tests/support``.
 """
