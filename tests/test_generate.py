@@ -39,7 +39,7 @@ def ws(tmp_path_factory):
 
     from tools.devkit.face_models import draw_faces, session_tiny_root
     from support.poses import frame, person
-    from training.model import write_tiny_setup
+    from support.tiny_sd15 import write_tiny_setup
     root = tmp_path_factory.mktemp("generate")
     setup = write_tiny_setup(root / "base", seed=5, unet={"block_out_channels": [320, 640]})
     face_root = session_tiny_root(tmp_path_factory)

@@ -26,7 +26,7 @@ def sides(tmp_path_factory):
     import_host()
     pack = load_pack()
     import comfy.sd
-    from training.model import write_tiny_setup
+    from support.tiny_sd15 import write_tiny_setup
     setup = write_tiny_setup(tmp_path_factory.mktemp("parity"), seed=3, unet={"block_out_channels": [320, 640]})
     model = comfy.sd.load_checkpoint_guess_config(str(setup.single_file), output_vae=False, output_clip=False)[0]
     nodes = sys.modules[f"{pack.__name__}.nodes.model_nodes"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from instantfamily_core.errors import BaseModelError, ModelFileError
+from support.tiny_sd15 import write_tiny_tokenizer
 from support.training_fixtures import training_workspace
 from training import sd15
 
@@ -74,7 +75,7 @@ def test_sdxl_file_is_rejected_by_name(tmp_path):
     save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(path))
     with pytest.raises(BaseModelError, match="sdxl_base.safetensors.*SDXL"):
-        sd15.load_base(path, tokenizer=str(sd15.write_tiny_tokenizer(tmp_path / "tok")))
+        sd15.load_base(path, tokenizer=str(write_tiny_tokenizer(tmp_path / "tok")))
 
 
 def test_missing_tokenizer_says_how_to_fix(ws, tmp_path, monkeypatch):
@@ -184,7 +185,7 @@ def test_diffusers_folder_with_only_fp16_variant_files(ws, tmp_path):
 
 def test_tokenizer_pads_to_the_text_encoders_77_positions_whatever_it_declares(ws, tmp_path):
     from training.model import encode_text
-    tok = sd15.write_tiny_tokenizer(tmp_path / "tok")
+    tok = write_tiny_tokenizer(tmp_path / "tok")
     cfg = json.loads((tok / "tokenizer_config.json").read_text())
     cfg["model_max_length"] = 8192  # what ComfyUI's comfy/sd1_tokenizer declares
     (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -237,7 +238,7 @@ def test_wrong_file_as_base_is_named_for_what_it_is(tmp_path, name):
     else:
         save_file(sd, str(path))
     with pytest.raises(BaseModelError, match=f"{name}.*{kind}"):
-        sd15.load_base(path, tokenizer=str(sd15.write_tiny_tokenizer(tmp_path / "tok")))
+        sd15.load_base(path, tokenizer=str(write_tiny_tokenizer(tmp_path / "tok")))
 
 
 def test_diffusers_folder_of_another_family_is_named(ws, tmp_path):

@@ -25,9 +25,9 @@ from torch import nn
 from instantfamily_core.attention import MaskedCrossAttention
 from instantfamily_core.checkpoint import CONTROLNET_HINT_CHANNELS, CheckpointMeta, save_checkpoint
 from instantfamily_core.errors import (BaseModelError, CheckpointError, EmbeddingError, IdentityCountError,
-                                        ModelFileError)
+                                        ModelFileError, OptionError)
 from instantfamily_core.identity import IdentityFeatures
-from instantfamily_core.projector import IdentityProjector, ProjectorConfig
+from instantfamily_core.projector import IdentityProjector
 from instantfamily_core.stack import stack_context
 
 from training.processors import MaskContext, MaskedCrossAttnProcessor, install_processors
@@ -268,11 +268,11 @@ def export_checkpoint(path, projector: IdentityProjector, controlnet, face_pack:
     (``fp16`` | ``fp32``): the floating-point tensors are written in it (the training CLIs export fp16 by default,
     as SD1.5 files are shared)."""
     if dtype not in EXPORT_DTYPES:
-        raise CheckpointError(f"export: --dtype {dtype!r} unknown; expected one of {sorted(EXPORT_DTYPES)}")
+        raise OptionError(f"export: --dtype {dtype!r} unknown; expected one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]
     if isinstance(controlnet, dict):
         if controlnet_state is None:
-            raise IdentityCountError("export: a ControlNet config dict needs controlnet_state (the weights)")
+            raise CheckpointError("export: a ControlNet config dict needs controlnet_state (the weights)")
         config = json_config(controlnet)
     else:
         config = json_config(controlnet.config)
@@ -289,8 +289,8 @@ def load_controlnet_from_checkpoint(ckpt):
     """The diffusers ControlNet of a loaded :class:`InstantFamilyCheckpoint` (diffusers layout), with processors."""
     from diffusers import ControlNetModel
     if ckpt.meta.controlnet_layout != "diffusers" or ckpt.meta.controlnet_config is None:
-        raise IdentityCountError("checkpoint: only diffusers-layout ControlNets with a stored config can be rebuilt "
-                                 "here")
+        raise CheckpointError("checkpoint: only diffusers-layout ControlNets with a stored config can be rebuilt "
+                              "here")
     cfg = {k: v for k, v in ckpt.meta.controlnet_config.items() if not k.startswith("_")}
     cn = ControlNetModel.from_config(cfg)
     cn.load_state_dict(ckpt.controlnet, strict=True)
@@ -312,7 +312,7 @@ def sample_latents(unet, controlnet, projector, scheduler, text, uncond_text, id
     if noise is None:
         noise = torch.randn(latent_shape, generator=generator)
     elif tuple(noise.shape) != tuple(latent_shape):
-        raise IdentityCountError(f"noise: expected shape {tuple(latent_shape)}, got {tuple(noise.shape)}")
+        raise OptionError(f"noise: expected shape {tuple(latent_shape)}, got {tuple(noise.shape)}")
     latents = noise.to(device, text.dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     dropped = IdentityBatch(identities.global_embedding, identities.local_map, identities.present,
@@ -328,62 +328,3 @@ def sample_latents(unet, controlnet, projector, scheduler, text, uncond_text, id
         e_uncond, e_cond = eps.chunk(2)
         latents = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, latents).prev_sample
     return latents
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tiny random setups (tests, train/infer parity)
-
-@torch.no_grad()
-def randomize_zero_init(controlnet, projector: IdentityProjector, seed: int = 0, std: float = 0.02) -> None:
-    """Give the ControlNet's zero convolutions and the projector's null tokens random values, so that a parity
-    check sees non-zero ControlNet residuals and distinct null tokens (a fresh ControlNet adds exactly zero)."""
-    g = torch.Generator().manual_seed(seed)
-    zero = [m for name, m in controlnet.named_modules()
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out"))
-            and isinstance(m, nn.Conv2d)]
-    for m in zero:
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
-        if m.bias is not None:
-            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * std)
-    projector.null_tokens.copy_(torch.randn(projector.null_tokens.shape, generator=g))
-
-
-@dataclass
-class TinySetup:
-    """Files and live models of :func:`write_tiny_setup`."""
-
-    folder: object  # pathlib.Path
-    config_dir: object  # SD1.5-layout tiny configs + tiny tokenizer (``tokenizer/``)
-    single_file: object  # SD1.5 single-file checkpoint (LDM layout): UNet + VAE + text encoder
-    diffusers_dir: object  # the same as a diffusers folder, or None
-    checkpoint: object  # the exported InstantFamily checkpoint (projector + ControlNet, schema v1)
-    components: object  # training.sd15.SD15Components
-    controlnet: object
-    projector: IdentityProjector
-
-
-def write_tiny_setup(folder, seed: int = 0, unet: Optional[dict] = None, vae: Optional[dict] = None,
-                     text_encoder: Optional[dict] = None, projector: Optional[ProjectorConfig] = None,
-                     mask_mode: str = "additive", max_identities: int = 4, face_pack: str = "tinypack",
-                     diffusers_folder: bool = False) -> TinySetup:
-    """Random tiny SD1.5-architecture models, written as a base checkpoint and an InstantFamily export.
-
-    ``unet`` / ``vae`` / ``text_encoder`` override :data:`training.sd15.TINY_UNET` etc. (e.g.
-    ``unet={"block_out_channels": [320, 640]}`` for ComfyUI's SD1.5 detection, which needs 320 channels). The
-    ControlNet starts from the UNet and gets random zero-convs (:func:`randomize_zero_init`); the projector
-    defaults to ``ProjectorConfig(hidden_dim=64)`` (512-d global, 512×7×7 local, 768-d tokens)."""
-    from pathlib import Path
-
-    from training import sd15
-    out = Path(folder)
-    cfg_dir = sd15.write_tiny_config_dir(out / "config", unet, vae, text_encoder)
-    comps = sd15.build_from_configs(cfg_dir, seed=seed)
-    torch.manual_seed(seed + 1)
-    cn = make_controlnet(comps.unet).eval()
-    proj = IdentityProjector(projector or ProjectorConfig(hidden_dim=64)).eval()
-    randomize_zero_init(cn, proj, seed + 2)
-    single = sd15.save_single_file(comps, out / "tiny-sd15.safetensors")
-    ddir = sd15.save_diffusers(comps, out / "tiny-sd15-diffusers") if diffusers_folder else None
-    ckpt = out / "instantfamily-tiny.safetensors"
-    export_checkpoint(ckpt, proj, cn, face_pack, mask_mode, max_identities)
-    return TinySetup(out, cfg_dir, single, ddir, ckpt, comps, cn, proj)

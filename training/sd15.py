@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 components for training: offline loading, building from configs, and writing.
+"""Stable Diffusion 1.5 components for training: offline loading and writing.
 
 Loading (``load_base``), always offline:
 
@@ -14,8 +14,8 @@ The CLIP BPE tokenizer (~1.5 MB) is not shipped: ``--tokenizer`` names a folder 
 ``merges.txt``; otherwise the diffusers folder's ``tokenizer/``, the config folder's ``tokenizer/`` or ComfyUI's
 ``comfy/sd1_tokenizer`` (found when this pack sits in ``ComfyUI/custom_nodes``) is used.
 
-Writing (``save_diffusers``, ``save_single_file``) and random tiny models (``write_tiny_config_dir`` +
-``build_from_configs``) serve tests and the train/infer parity check.
+Writing (``save_diffusers``, ``save_single_file``) is the inverse of loading (tested against diffusers' own
+LDM conversion). Random tiny models for tests live in ``tests/support/tiny_sd15.py``.
 """
 
 from __future__ import annotations
@@ -403,23 +403,7 @@ def load_base(path: str | os.PathLike, tokenizer: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building from configs and writing
-
-def build_from_configs(config_dir: str | os.PathLike, seed: int = 0, tokenizer: Optional[str] = None) -> SD15Components:
-    """Randomly initialised (frozen, eval-mode) components from a config folder laid out like
-    ``training/configs/sd15``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    cfg = Path(config_dir)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder"), local_files_only=True))
-    tok = load_tokenizer(find_tokenizer(tokenizer, None, cfg))
-    for m in (unet, vae, text):
-        m.requires_grad_(False).eval()
-    return SD15Components(unet, vae, text, tok, read_scheduler_config(cfg))
-
+# writing (the inverse of loading: a diffusers folder, an SD1.5 single file in the LDM layout)
 
 def save_diffusers(comps: SD15Components, folder: str | os.PathLike) -> Path:
     """A diffusers SD1.5 folder (``model_index.json``, five sub-folders)."""
@@ -513,64 +497,3 @@ def save_single_file(comps: SD15Components, path: str | os.PathLike) -> Path:
                     if not k.endswith("position_ids")})
     save_safetensors_atomic({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(p))
     return p
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tiny random SD1.5-architecture models (tests, parity)
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte → printable unicode character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
-    """A byte-level CLIP tokenizer with no merges (516 tokens): every character is a token."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True}), encoding="utf-8")
-    return out
-
-
-TINY_UNET = {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
-             "attention_head_dim": 8, "sample_size": 8}
-TINY_VAE = {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64}
-TINY_TEXT = {"vocab_size": 514, "hidden_size": 768, "intermediate_size": 64, "num_hidden_layers": 1,
-             "num_attention_heads": 4, "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
-
-
-def write_tiny_config_dir(folder: str | os.PathLike, unet: Optional[dict] = None, vae: Optional[dict] = None,
-                          text_encoder: Optional[dict] = None) -> Path:
-    """A config folder like ``training/configs/sd15`` for tiny models (SD1.5 layout, 768-wide context; the
-    overrides update the tiny defaults) with a tiny tokenizer in ``tokenizer/``."""
-    out = Path(folder)
-    for sub, base_file, tiny, extra in (("unet", "config.json", TINY_UNET, unet), ("vae", "config.json", TINY_VAE, vae),
-                                        ("text_encoder", "config.json", TINY_TEXT, text_encoder)):
-        cfg = json.loads((CONFIG_DIR / sub / base_file).read_text())
-        cfg.update(tiny)
-        cfg.update(extra or {})
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        (out / sub / base_file).write_text(json.dumps(cfg, indent=2))
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        (CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
-    (out / "model_index.json").write_text((CONFIG_DIR / "model_index.json").read_text())
-    write_tiny_tokenizer(out / "tokenizer")
-    return out

@@ -59,7 +59,7 @@ class Workspace:
     def __init__(self, root: Path):
         from tools.devkit.face_models import make_tiny_pack
         from training import prepare
-        from training.model import write_tiny_setup
+        from support.tiny_sd15 import write_tiny_setup
         self.root = root
         self.face_root = root / "insightface"
         make_tiny_pack(self.face_root, "tinypack")
