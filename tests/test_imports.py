@@ -57,7 +57,7 @@ def test_train_as_a_file_and_as_a_module_are_the_same_command(fake_site, tmp_pat
     as_file = _run([str(ROOT / "training" / "train.py"), "--help"], tmp_path, fake_site)
     as_module = _run(["-m", "training.train", "--help"], ROOT, fake_site)
     assert as_file.returncode == 0 and as_module.returncode == 0, as_file.stderr[-2000:] + as_module.stderr[-2000:]
-    assert as_file.stdout == as_module.stdout and "--max-steps" in as_file.stdout
+    assert as_file.stdout == as_module.stdout and "--lr-scheduler" in as_file.stdout
 
 
 def test_a_tool_run_as_a_file_imports_this_repository(fake_site, tmp_path):

@@ -41,6 +41,7 @@ def test_two_cpu_processes_agree_on_the_weights(ws, tmp_path):
     proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("exported ") == 1  # one main process, not two independent runs
+    assert proc.stderr.count("***** Running training *****") == 1  # accelerate's logger: the main process only
     d0 = json.loads((out / "weights-rank0.json").read_text())
     d1 = json.loads((out / "weights-rank1.json").read_text())
     assert d0 == d1 and len(d0) > 100

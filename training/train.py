@@ -4,13 +4,16 @@
     accelerate launch training/train.py --base v1-5-pruned-emaonly.safetensors --tokenizer <clip tokenizer> \
         --data data/shards --output runs/if [--mixed-precision bf16] [--gradient-checkpointing] [--resume]
 
-Single process (CPU or one GPU): ``python training/train.py ...``. See ``README.md (Training CLI)``.
+Single process (CPU or one GPU): ``python training/train.py ...`` (or ``python -m training.train ...`` from the
+repository root). The flags follow diffusers' ``examples/controlnet/train_controlnet.py`` (``--report-to``,
+``--lr-scheduler``, …); ``README.md (Training CLI)`` maps our names to theirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,9 +26,10 @@ if not __package__:  # run as a file, not as python -m training.train
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
 
 from instantfamily_core.attention import MODES  # noqa: E402
-from instantfamily_core.errors import InstantFamilyError  # noqa: E402
+from instantfamily_core.errors import InstantFamilyError, OptionError  # noqa: E402
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # noqa: E402
 from training import checkpoints as ck  # noqa: E402
 from instantfamily_core.fileio import write_text_atomic  # noqa: E402
@@ -34,6 +38,13 @@ from training.errors import TrainingError  # noqa: E402
 from training.model import (IdentityBatch, InstantFamilyNet, as_fp32, encode_text,  # noqa: E402
                             export_checkpoint, json_config, load_controlnet_init, make_controlnet,
                             sample_latents)
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value → the pip package it needs
+REPORT_TO = (*TRACKER_PACKAGES, "all", "none")
+SCHEDULE_KEYS = ("lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_steps")  # in state.json
+
+logger = get_logger(__name__)  # accelerate's: logs on the main process only (main_process_only=False for every rank)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-both", type=float, default=0.05)
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=400_000)
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (after the warm-up)")
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="constant_with_warmup",
+                   help="diffusers' get_scheduler; default constant_with_warmup (with the default 0 warm-up steps: "
+                        "constant)")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up from 0 over this many steps")
+    g.add_argument("--lr-num-cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr-power", type=float, default=1.0, help="power of the polynomial decay")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--weight-decay", type=float, default=1e-2)
@@ -80,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in --output (or from the given step folder)")
     g.add_argument("--checkpoint-every", type=int, default=1000)
     g.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last M checkpoints (0 = all)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help="optimizer steps between tracker logs")
+    g.add_argument("--report-to", choices=REPORT_TO, default=None,
+                   help="experiment tracker (accelerate): tensorboard (<output>/logs), wandb, all (every installed "
+                        "one) or none; default: tensorboard when it is installed, else none")
+    g.add_argument("--tracker-project-name", default="instantfamily", help="project name given to the trackers")
     g.add_argument("--validate-every", type=int, default=1000, help="0 = never")
     g.add_argument("--num-validation", type=int, default=4)
     g.add_argument("--validation-steps", type=int, default=20)
@@ -136,7 +156,8 @@ def save_state(accelerator, net, ema, args, out: Path, step: int, consumed: int,
         write_text_atomic(tmp / "run_config.json", json.dumps(config, indent=1))
         write_text_atomic(tmp / "state.json", json.dumps({
             "global_step": step, "consumed_micro_batches": consumed, "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "world_size": accelerator.num_processes, "seed": args.seed}))
+            "grad_accum": args.grad_accum, "world_size": accelerator.num_processes, "seed": args.seed,
+            **{k: getattr(args, k) for k in SCHEDULE_KEYS}}))
         ck.publish(tmp, ck.step_dir(root, step))
         ck.prune(root, args.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -187,10 +208,61 @@ def validate(accelerator, comps, net, dataset: ShardDataset, args, out: Path, st
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rows.permute(1, 2, 0).numpy()).save(path)
     if trackers:
-        tb = accelerator.get_tracker("tensorboard", unwrap=True)
-        tb.add_image("validation", rows, step)
+        log_images(accelerator, rows, step)
     net.train()
     return path
+
+
+def log_images(accelerator, rows: torch.Tensor, step: int) -> None:
+    """The validation grid (uint8, 3 × H × W) to each active tracker that takes images."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", rows, step)
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({"validation": [wandb.Image(rows.permute(1, 2, 0).numpy())]}, step=step)
+
+
+def tracker_installed(name: str) -> bool:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+
+
+def resolve_report_to(value: Optional[str]) -> Optional[str]:
+    """accelerate's ``log_with`` for ``--report-to``. The default (``None``) is tensorboard when it is installed
+    (it writes local files, so it works offline) and no tracker otherwise; a tracker asked for by name must be
+    installed."""
+    if value is None:
+        return "tensorboard" if tracker_installed("tensorboard") else None
+    if value == "none":
+        return None
+    if value in TRACKER_PACKAGES and not tracker_installed(value):
+        raise OptionError(f"--report-to {value}: the {TRACKER_PACKAGES[value]} package is not installed; "
+                          f"pip install {TRACKER_PACKAGES[value]}, or pass --report-to none")
+    return value
+
+
+def check_schedule(args) -> None:
+    """The learning-rate schedule flags, checked before anything is loaded."""
+    if args.lr_warmup_steps < 0:
+        raise OptionError(f"--lr-warmup-steps: expected ≥ 0, got {args.lr_warmup_steps}")
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":
+        raise OptionError(f"--lr-warmup-steps {args.lr_warmup_steps}: --lr-scheduler constant has no warm-up; use "
+                          "constant_with_warmup")
+    if args.lr_num_cycles < 1:
+        raise OptionError(f"--lr-num-cycles: expected ≥ 1, got {args.lr_num_cycles}")
+
+
+def make_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' ``get_scheduler`` as its training scripts call it: accelerate steps a prepared scheduler once per
+    process per optimizer step, hence the step counts times the number of processes."""
+    from diffusers.optimization import get_scheduler
+    try:
+        return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                             num_training_steps=args.max_steps * num_processes, num_cycles=args.lr_num_cycles,
+                             power=args.lr_power)
+    except ValueError as e:  # e.g. polynomial: the end lr (1e-7) must be below --lr
+        raise OptionError(f"--lr-scheduler {args.lr_scheduler} with --lr {args.lr}: {e}") from e
 
 
 def export_final(accelerator, net, ema, config: dict, path: Path, face_pack: str,
@@ -217,6 +289,8 @@ def export_final(accelerator, net, ema, config: dict, path: Path, face_pack: str
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
     try:
         return train(args)
     except InstantFamilyError as e:
@@ -228,7 +302,6 @@ def train(args) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
     from training.sd15 import load_base
@@ -237,10 +310,16 @@ def train(args) -> int:
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')}: expected ≥ 1, got {getattr(args, name)}")
     ck.check_ema_decay(args.ema_decay)  # before any model is loaded
+    check_schedule(args)
     out = Path(args.output)
+    log_with = resolve_report_to(args.report_to)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision=args.mixed_precision,
-                              log_with="tensorboard",
+                              log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    logger.info(accelerator.state, main_process_only=False)
+    if args.report_to is None and log_with is None:
+        logger.warning("tensorboard is not installed: no training curves (pip install tensorboard, or pass "
+                       "--report-to none to silence this)")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     main_proc = accelerator.is_main_process
@@ -278,16 +357,14 @@ def train(args) -> int:
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
     if sharded and args.ema:
         raise TrainingError("--ema keeps a full copy of the weights per process and supports DDP only; drop --ema "
                             "with FSDP / DeepSpeed")
     if sharded and args.validate_every:
-        accelerator.print("note: validation images need the unsharded model; disabled under FSDP / DeepSpeed "
-                          "(export a checkpoint and sample it instead)")
+        logger.warning("validation images need the unsharded model; disabled under FSDP / DeepSpeed (export a "
+                       "checkpoint and sample it instead)")
         args.validate_every = 0
     net, optimizer, lr_scheduler = accelerator.prepare(net, optimizer, lr_scheduler)
     ema = ck.EMA(accelerator.unwrap_model(net), args.ema_decay).to(accelerator.device) if args.ema else None
@@ -297,19 +374,31 @@ def train(args) -> int:
         state = json.loads((resume_dir / "state.json").read_text())
         if (state["batch_size"], state["grad_accum"], state["world_size"]) != \
                 (args.batch_size, args.grad_accum, accelerator.num_processes):
-            accelerator.print(f"warning: {resume_dir.name} was trained with batch {state['batch_size']}, accumulation "
-                              f"{state['grad_accum']} on {state['world_size']} processes; the data order changes")
+            logger.warning(f"{resume_dir.name} was trained with batch {state['batch_size']}, accumulation "
+                           f"{state['grad_accum']} on {state['world_size']} processes; the data order changes")
+        changed = {k: (state[k], getattr(args, k)) for k in SCHEDULE_KEYS
+                   if k in state and state[k] != getattr(args, k)}
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in changed.items())
+            logger.warning(f"{resume_dir.name} was trained with {was}: the restored scheduler keeps its step and its "
+                           "base learning rate, and goes on along the curve the current flags give")
         accelerator.load_state(str(resume_dir))
         if ema is not None and (resume_dir / "ema.safetensors").is_file():
             ema.load(resume_dir / "ema.safetensors")
         global_step, consumed = int(state["global_step"]), int(state["consumed_micro_batches"])
-        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+        logger.info(f"resumed from {resume_dir} at step {global_step} (lr {lr_scheduler.get_last_lr()[0]:.3g})")
     loss_log = ck.LossLog(out / "losses.jsonl")
     if main_proc:
         loss_log.truncate(global_step)
         write_text_atomic(out / "run_config.json", json.dumps(config, indent=1))
-    accelerator.init_trackers("instantfamily", config={k: v for k, v in vars(args).items()
-                                                       if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
+                                                                 if isinstance(v, (int, float, str, bool))})
+    logger.info("***** Running training *****")
+    logger.info(f"  samples = {len(dataset)}, batch size per process = {args.batch_size}, processes = "
+                f"{accelerator.num_processes}, gradient accumulation = {args.grad_accum}, total batch size = "
+                f"{args.batch_size * accelerator.num_processes * args.grad_accum}")
+    logger.info(f"  optimizer steps = {args.max_steps} (from {global_step}), lr {args.lr} "
+                f"({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), trackers: {log_with or 'none'}")
 
     sampler = EpochBatchSampler(len(dataset), args.batch_size, args.seed, accelerator.process_index,
                                 accelerator.num_processes, start=consumed)
@@ -364,8 +453,8 @@ def train(args) -> int:
         if main_proc:
             loss_log.append({"step": global_step, "loss": mean_loss, "lr": lr})
         if global_step % args.log_every == 0 or global_step == args.max_steps:
-            accelerator.log({"train/loss": mean_loss, "train/lr": lr,
-                             "train/sec_per_step": (time.time() - t0) / args.log_every}, step=global_step)
+            accelerator.log({"train_loss": mean_loss, "lr": lr, "sec_per_step": (time.time() - t0) / args.log_every},
+                            step=global_step)
             t0 = time.time()
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -373,7 +462,8 @@ def train(args) -> int:
             config["global_step"] = global_step
             save_state(accelerator, net, ema, args, out, global_step, consumed, config)
         if args.validate_every and (global_step % args.validate_every == 0) and main_proc:
-            validate(accelerator, comps, net, dataset, args, out, global_step, trackers=True)
+            path = validate(accelerator, comps, net, dataset, args, out, global_step, trackers=True)
+            logger.info(f"step {global_step}: validation images {path}")
         if args.validate_every:
             accelerator.wait_for_everyone()
     bar.close()
