@@ -1,8 +1,8 @@
 """Training checkpoints: atomic step folders, keep-last-M pruning, EMA weights, and the loss log.
 
-``<output>/checkpoints/step-0000100/`` holds accelerate's state (model, optimizer, LR scheduler, grad scaler, RNG),
-``state.json`` (step and data position), ``run_config.json`` (everything export needs) and ``ema.safetensors``
-(optional). It is written as ``step-0000100.tmp`` and renamed into place only when complete, so a crash while
+``<output>/checkpoints/step-0000100/`` holds accelerate's state (model, optimizer, LR scheduler with its position,
+grad scaler, RNG), ``state.json`` (step, data position and the learning-rate schedule flags, compared on resume),
+``run_config.json`` (everything export needs) and ``ema.safetensors`` (optional). It is written as ``step-0000100.tmp`` and renamed into place only when complete, so a crash while
 writing leaves the previous checkpoint as the latest one; leftovers ``*.tmp`` are removed on the next start.
 """
 
