@@ -32,7 +32,7 @@ from instantfamily_core.attention import MODES  # noqa: E402
 from instantfamily_core.errors import InstantFamilyError, OptionError  # noqa: E402
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig  # noqa: E402
 from training import checkpoints as ck  # noqa: E402
-from instantfamily_core.fileio import write_text_atomic  # noqa: E402
+from instantfamily_core.fileio import atomic_path, write_text_atomic  # noqa: E402
 from training.data import DropoutConfig, EpochBatchSampler, ShardDataset, collate  # noqa: E402
 from training.errors import TrainingError  # noqa: E402
 from training.model import (IdentityBatch, InstantFamilyNet, as_fp32, encode_text,  # noqa: E402
@@ -205,8 +205,8 @@ def validate(accelerator, comps, net, dataset: ShardDataset, args, out: Path, st
     ctl = (batch["control"] * 255).round().byte()
     rows = torch.cat([torch.cat([c, g, x], dim=2) for c, g, x in zip(ctl, gen, ref)], dim=1)  # 3, n·r, 3·r
     path = out / "validation" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rows.permute(1, 2, 0).numpy()).save(path)
+    with atomic_path(path, ".png") as tmp:
+        Image.fromarray(rows.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     if trackers:
         log_images(accelerator, rows, step)
     net.train()
