@@ -121,8 +121,8 @@ def test_schedule_is_comfyuis_simple_schedule(host):
     _, _, model = host
     ms = model.get_model_object("model_sampling")
     for steps in (1, 4, 7, 20, 30):
-        sched = generate.EulerSimpleScheduler(json.loads((Path(generate._ROOT) / "training/configs/sd15/scheduler/"
-                                                                                  "scheduler_config.json").read_text()))
+        config = Path(generate.__file__).parent / "configs" / "sd15" / "scheduler" / "scheduler_config.json"
+        sched = generate.EulerSimpleScheduler(json.loads(config.read_text()))
         sched.set_timesteps(steps)
         comfy_sigmas = comfy.samplers.calculate_sigmas(ms, "simple", steps)
         assert float(comfy_sigmas[-1]) == 0.0
