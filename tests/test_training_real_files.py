@@ -150,7 +150,8 @@ def test_layout_matches_comfyui_checkpoint_loader(micro, name, text, position_id
 def test_diffusers_folder_matches_comfyui_on_the_single_file(micro, variant):
     """A diffusers folder (fp16-variant files only: ``diffusion_pytorch_model.fp16.safetensors``,
     ``model.fp16.safetensors``; or the standard names) of the same weights: same outputs as ComfyUI on the file."""
-    from training.sd15 import load_base, save_diffusers
+    from support.sd15_writers import save_diffusers
+    from training.sd15 import load_base
     path = L.write_layout(micro["state"], micro["root"] / "for-diffusers.safetensors", dtype="fp16")
     folder = micro["root"] / f"diffusers-{variant}"
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from instantfamily_core.errors import BaseModelError, ModelFileError
+from support import sd15_writers
 from support.tiny_sd15 import write_tiny_tokenizer
 from support.training_fixtures import training_workspace
 from training import sd15
@@ -35,7 +36,7 @@ def test_single_file_loads_back_the_same_weights(ws):
 
 
 def test_diffusers_folder_loads(ws, tmp_path):
-    folder = sd15.save_diffusers(ws.setup.components, tmp_path / "sd")
+    folder = sd15_writers.save_diffusers(ws.setup.components, tmp_path / "sd")
     loaded = sd15.load_base(folder)
     _same_weights(ws.setup.components.unet, loaded.unet)
     ids = lambda tok: tok(["a photo of 2 people"], return_tensors="pt").input_ids  # noqa: E731
@@ -49,8 +50,8 @@ def test_full_sd15_key_mapping_agrees_with_diffusers_conversion():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     for cls, to_ldm, back, prefix, sub in (
-            (UNet2DConditionModel, sd15.unet_to_ldm, convert_ldm_unet_checkpoint, sd15.UNET_PREFIX, "unet"),
-            (AutoencoderKL, sd15.vae_to_ldm, convert_ldm_vae_checkpoint, sd15.VAE_PREFIX, "vae")):
+            (UNet2DConditionModel, sd15_writers.unet_to_ldm, convert_ldm_unet_checkpoint, sd15.UNET_PREFIX, "unet"),
+            (AutoencoderKL, sd15_writers.vae_to_ldm, convert_ldm_vae_checkpoint, sd15.VAE_PREFIX, "vae")):
         cfg = cls.load_config(str(sd15.CONFIG_DIR / sub))
         with init_empty_weights():
             model = cls.from_config(cfg)
@@ -167,7 +168,7 @@ def test_ema_weights_of_a_non_pruned_file_are_used(ws, tmp_path):
 
 def test_diffusers_folder_with_only_fp16_variant_files(ws, tmp_path):
     comps = ws.setup.components
-    folder = sd15.save_diffusers(comps, tmp_path / "sd")
+    folder = sd15_writers.save_diffusers(comps, tmp_path / "sd")
     for sub, model, fname in (("unet", comps.unet, "diffusion_pytorch_model"), ("vae", comps.vae,
                               "diffusion_pytorch_model"), ("text_encoder", comps.text_encoder, "model")):
         for f in (folder / sub).glob("*.safetensors"):
@@ -242,7 +243,7 @@ def test_wrong_file_as_base_is_named_for_what_it_is(tmp_path, name):
 
 
 def test_diffusers_folder_of_another_family_is_named(ws, tmp_path):
-    folder = sd15.save_diffusers(ws.setup.components, tmp_path / "sd")
+    folder = sd15_writers.save_diffusers(ws.setup.components, tmp_path / "sd")
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps(dict(cfg, in_channels=9)))
     with pytest.raises(BaseModelError, match="inpainting"):

@@ -1,5 +1,5 @@
 """SD1.5 checkpoint files in every layout in use, written by the published key names — independent of the training
-loader and of its inverse (``training.sd15.save_single_file``).
+loader and of its inverse (``support.sd15_writers.save_single_file``).
 
 The tensors come from ComfyUI's own module definitions of the original (LDM) architecture (``UNetModel``,
 ``AutoencoderKL``, the CLIP-L ``CLIPTextModel``), built on the meta device and filled from a seeded generator, under

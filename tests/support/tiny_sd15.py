@@ -3,7 +3,7 @@
 A byte-level CLIP tokenizer, config folders laid out like ``training/configs/sd15`` with tiny sizes, randomly
 initialised components built from them, and :func:`write_tiny_setup`: a base model written as an SD1.5 single file
 (+ optional diffusers folder) and an exported InstantFamily checkpoint, all through the product's own writers
-(:func:`training.sd15.save_single_file`, :func:`training.sd15.save_diffusers`,
+(:func:`support.sd15_writers.save_single_file`, :func:`support.sd15_writers.save_diffusers`,
 :func:`training.model.export_checkpoint`).
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from instantfamily_core.projector import IdentityProjector, ProjectorConfig
+from support import sd15_writers
 from training import sd15
 from training.model import export_checkpoint, make_controlnet
 
@@ -151,8 +152,8 @@ def write_tiny_setup(folder, seed: int = 0, unet: Optional[dict] = None, vae: Op
     cn = make_controlnet(comps.unet).eval()
     proj = IdentityProjector(projector or ProjectorConfig(hidden_dim=64)).eval()
     randomize_zero_init(cn, proj, seed + 2)
-    single = sd15.save_single_file(comps, out / "tiny-sd15.safetensors")
-    ddir = sd15.save_diffusers(comps, out / "tiny-sd15-diffusers") if diffusers_folder else None
+    single = sd15_writers.save_single_file(comps, out / "tiny-sd15.safetensors")
+    ddir = sd15_writers.save_diffusers(comps, out / "tiny-sd15-diffusers") if diffusers_folder else None
     ckpt = out / "instantfamily-tiny.safetensors"
     export_checkpoint(ckpt, proj, cn, face_pack, mask_mode, max_identities)
     return TinySetup(out, cfg_dir, single, ddir, ckpt, comps, cn, proj)
