@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from instantfamily_core.errors import OptionError
 from instantfamily_core.render import slot_color
 from support.poses import frame, person
 from support.training_fixtures import BROKEN, LAYOUTS, training_workspace
@@ -168,7 +169,7 @@ def test_dropout_is_reported_and_validated(ws):
     ds = ShardDataset(ws.shards, seed=0, dropout=DropoutConfig(text=0.0, identity=1.0, both=0.0))
     item = ds[(0, 0)]
     assert item["drop_identity"] and item["caption"]
-    with pytest.raises(DatasetError, match="drop"):
+    with pytest.raises(OptionError, match="drop"):
         DropoutConfig(text=0.6, identity=0.6)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from instantfamily_core.errors import OptionError
 from instantfamily_core.faces.images import load_rgb
 from instantfamily_core.fileio import save_safetensors_atomic
 from instantfamily_core.pose import DEFAULT_MARGIN, assign_slots, parse_pose
@@ -143,9 +144,9 @@ class DropoutConfig:
         for name in ("text", "identity", "both"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
-                raise DatasetError(f"--drop-{name}: expected a probability in [0, 1], got {v}")
+                raise OptionError(f"--drop-{name}: expected a probability in [0, 1], got {v}")
         if self.text + self.identity + self.both > 1:
-            raise DatasetError("condition dropout: --drop-text + --drop-identity + --drop-both must be ≤ 1")
+            raise OptionError("condition dropout: --drop-text + --drop-identity + --drop-both must be ≤ 1")
 
 
 def decode_image(data: np.ndarray | bytes, name: str = "shard image") -> np.ndarray:
@@ -172,7 +173,7 @@ class ShardDataset(Dataset):
     def __init__(self, folder: str | os.PathLike, num_slots: int = 4, margin: float = DEFAULT_MARGIN, seed: int = 0,
                  dropout: DropoutConfig = DropoutConfig()):
         if num_slots < 1:
-            raise DatasetError(f"--num-slots: expected ≥ 1, got {num_slots}")
+            raise OptionError(f"--num-slots: expected ≥ 1, got {num_slots}")
         self.manifest = read_manifest(folder)
         self.folder = Path(self.manifest["_folder"])
         self.num_slots, self.margin, self.seed, self.dropout = int(num_slots), float(margin), int(seed), dropout

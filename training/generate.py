@@ -38,7 +38,7 @@ if not __package__:  # run as a file, not as python -m training.generate
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from instantfamily_core.errors import CheckpointError, InstantFamilyError  # noqa: E402
+from instantfamily_core.errors import CheckpointError, InstantFamilyError, OptionError  # noqa: E402
 from instantfamily_core.fileio import atomic_path  # noqa: E402
 from instantfamily_core.masks import boxes_to_masks  # noqa: E402
 from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose, person_for_box  # noqa: E402
@@ -94,7 +94,7 @@ class EulerSimpleScheduler:
     def set_timesteps(self, steps: int, device=None) -> None:
         n = len(self.alphas_cumprod)
         if not 1 <= steps <= n:
-            raise GenerateError(f"--steps: expected 1…{n}, got {steps}")
+            raise OptionError(f"--steps: expected 1…{n}, got {steps}")
         ss = n / steps
         self.timesteps = torch.tensor([n - 1 - int(k * ss) for k in range(steps)], dtype=torch.long, device=device)
         self._next = {int(t): (int(self.timesteps[i + 1]) if i + 1 < steps else None)
@@ -252,20 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     for name, lo in (("seeds", 1), ("steps", 1), ("batch_size", 1), ("det_size", 64)):
         if getattr(args, name) < lo:
-            raise GenerateError(f"--{name.replace('_', '-')}: expected ≥ {lo}, got {getattr(args, name)}")
+            raise OptionError(f"--{name.replace('_', '-')}: expected ≥ {lo}, got {getattr(args, name)}")
     for name in ("width", "height"):
         v = getattr(args, name)
         if v < 64 or v % 8:
-            raise GenerateError(f"--{name}: expected a multiple of 8, at least 64, got {v}")
+            raise OptionError(f"--{name}: expected a multiple of 8, at least 64, got {v}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
-        raise GenerateError(f"--cfg: expected a finite number ≥ 0, got {args.cfg}")
+        raise OptionError(f"--cfg: expected a finite number ≥ 0, got {args.cfg}")
 
 
 def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        "cpu" if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {args.device}: CUDA is not available in this torch build")
+        raise OptionError(f"--device {args.device}: CUDA is not available in this torch build")
     name = args.dtype if args.dtype != "auto" else ("fp16" if dev.type == "cuda" else "fp32")
     return dev, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ if not __package__:  # run as a file, not as python -m training.prepare
 
 import numpy as np  # noqa: E402
 
-from instantfamily_core.errors import ImageFileError, InstantFamilyError  # noqa: E402
+from instantfamily_core.errors import ImageFileError, InstantFamilyError, OptionError  # noqa: E402
 from instantfamily_core.faces.images import load_rgb  # noqa: E402
 from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from instantfamily_core.pose import (DEFAULT_MARGIN, PoseFrame, assign_slots, expand_box, face_box,  # noqa: E402
@@ -345,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tqdm import tqdm
     try:
         if args.resolution < 64 or args.resolution % 8:
-            raise DatasetError(f"--resolution: expected a multiple of 8 ≥ 64, got {args.resolution}")
+            raise OptionError(f"--resolution: expected a multiple of 8 ≥ 64, got {args.resolution}")
         if args.shard_size < 1 or not 0 <= args.rank < args.world_size:
             raise DatasetError("--shard-size must be ≥ 1 and 0 ≤ --rank < --world-size")
         items = list_inputs(args.input)

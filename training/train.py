@@ -308,7 +308,7 @@ def train(args) -> int:
 
     for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "num_slots", "log_every"):
         if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')}: expected ≥ 1, got {getattr(args, name)}")
+            raise OptionError(f"--{name.replace('_', '-')}: expected ≥ 1, got {getattr(args, name)}")
     ck.check_ema_decay(args.ema_decay)  # before any model is loaded
     check_schedule(args)
     out = Path(args.output)
