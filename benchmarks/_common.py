@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 runpy.run_path(str(REPO / "training" / "_bootstrap.py"))  # the one import bootstrap: the repository root first
 
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui, import_host, load_pack  # noqa: E402
 from tools.devkit.identities import random_identities as identities  # noqa: E402,F401
 
@@ -240,9 +241,8 @@ def write_outputs(out_dir: Optional[str], stem: str, markdown: str, data: dict) 
     if not out_dir:
         return
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{stem}.md").write_text(markdown + "\n", encoding="utf-8")
-    (d / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(d / f"{stem}.md", markdown + "\n")
+    write_text_atomic(d / f"{stem}.json", json.dumps(data, indent=2, default=str) + "\n")
     print(f"\nwrote {d / (stem + '.md')} and {d / (stem + '.json')}")
 
 

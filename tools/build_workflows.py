@@ -16,6 +16,7 @@ if not __package__:  # run as a file, not as python -m tools.build_workflows
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from tools.devkit.comfy_server import ComfyServer  # noqa: E402
 from tools.devkit.workflow_format import api_to_ui  # noqa: E402
 
@@ -138,9 +139,7 @@ def main() -> None:
     for name, prompt in prompts.items():
         for path, data in ((ROOT / "workflows" / "api" / f"{name}.json", prompt),
                            (ROOT / "workflows" / f"{name}.json", api_to_ui(prompt, info))):
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
+            write_text_atomic(path, json.dumps(data, indent=1) + "\n")
         print("wrote", name)
 
 

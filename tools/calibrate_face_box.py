@@ -35,6 +35,7 @@ import numpy as np
 if not __package__:  # run as a file, not as python -m tools.calibrate_face_box
     import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
 
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from instantfamily_core.pose import face_box, parse_pose  # noqa: E402
 
 
@@ -201,11 +202,10 @@ def main(argv=None) -> int:
     else:
         reference = detect_mtcnn(images, args.facenet_path)
     if args.write_reference:
-        Path(args.write_reference).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_reference).write_text(json.dumps({
+        write_text_atomic(args.write_reference, json.dumps({
             "about": "MTCNN (facenet-pytorch 2.6.0, thresholds 0.6/0.7/0.9, p >= 0.95) face boxes and 5 points "
                      "[x, y] in pixels of the offline photos; written by tools/calibrate_face_box.py",
-            "faces": reference}, indent=1) + "\n", encoding="utf-8")
+            "faces": reference}, indent=1) + "\n")
     summarise(photo_report(reference, images))
     return 0
 

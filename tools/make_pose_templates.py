@@ -7,6 +7,11 @@ Run from the repository root: ``python tools/make_pose_templates.py``.
 import json
 import os
 
+if not __package__:  # run as a file: python tools/make_pose_templates.py
+    import _bootstrap  # noqa: F401  (tools/_bootstrap.py: the repository root first on sys.path)
+
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(os.path.dirname(HERE), "pose_templates")
 
@@ -40,11 +45,8 @@ def template(n: int) -> dict:
 
 
 def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
     for n in range(1, 9):
-        with open(os.path.join(OUT, f"family_{n}.json"), "w", encoding="utf-8") as f:
-            json.dump([template(n)], f, indent=1)
-            f.write("\n")
+        write_text_atomic(os.path.join(OUT, f"family_{n}.json"), json.dumps([template(n)], indent=1) + "\n")
 
 
 if __name__ == "__main__":
