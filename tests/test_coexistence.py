@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from test_nodes_inprocess import apply, cond, host, ifmodel, sample  # noqa: F401  (fixtures)
+from test_nodes_inprocess import apply, cond, host, ifmodel, sample, spy_attention  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -91,20 +91,6 @@ def attn2_patches(model):
     return model.model_options["transformer_options"]["patches_replace"]["attn2"]
 
 
-def spy_rule(state, seen):
-    inner = state.attention
-
-    class Spy:
-        def __getattr__(self, name):  # everything but the call is the real attention's
-            return getattr(inner, name)
-
-        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
-            seen.append(tuple(feature_hw))
-            return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
-    state.attention = Spy()
-    return inner
-
-
 def block_inputs(patch_mod, model, key, rows=2, hw=(8, 8), seed=0):
     """q, k, v and extra_options for a direct call of one block's attn2 patch."""
     attn = patch_mod.attn2_modules(model.model.diffusion_model)[(*key, 0)]
@@ -158,7 +144,7 @@ def test_other_packs_patch_and_instantfamily_both_act(host, ifmodel, patch_mod, 
     # sampling: both act in every block, and the result differs from either alone
     seen = []
     state = patches[keys[0]].state
-    inner = spy_rule(state, seen)
+    inner = spy_attention(state, lambda q, k, v, heads, hw: seen.append(tuple(hw)))
     try:
         out_both = sample(nodes, both, pos, neg, steps=1)
     finally:

@@ -4,13 +4,13 @@ Apply node's attn2 rule (middle block included) against explicit reference math 
 
 from __future__ import annotations
 
-import math
 import sys
 
 import pytest
 import torch
 
 from support import faceid_files as ff
+from test_faceid_core import ref_attention
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from tools.devkit.identities import random_identities
 
@@ -112,17 +112,6 @@ def call(hook, q, k, v, block, hw, cond_or_uncond=(0,), heads=8):
     return hook(q, k, v, opts)
 
 
-def ref_attn(q, k, v, heads):
-    b, nq, c = q.shape
-    d = c // heads
-    out = torch.zeros(b, nq, c, dtype=torch.float64)
-    for h in range(heads):
-        sl = slice(h * d, (h + 1) * d)
-        out[..., sl] = torch.softmax(q[..., sl].double() @ k[..., sl].double().transpose(-1, -2) / math.sqrt(d),
-                                     -1) @ v[..., sl].double()
-    return out
-
-
 def test_apply_patches_all_16_blocks_incl_middle_and_matches_reference(host, sd15, faceid):
     from instantfamily_core.faceid import slot_for_block
     ids = _ids(2)
@@ -140,13 +129,13 @@ def test_apply_patches_all_16_blocks_incl_middle_and_matches_reference(host, sd1
         got = call(replace[block], q, k, v, block, hw, cond_or_uncond=(1, 0)).double()  # row 0 uncond, row 1 cond
         p = slot_for_block(block + (0,)).attn2
         wk, wv = (w.float() for w in faceid.weights.kv_weights(p))
-        text = ref_attn(q, k, v, 8)
+        text = ref_attention(q, k, v, 8)
         for row, toks in ((0, rule.null_tokens), (1, rule.tokens)):
             want = text[row].clone()
             for n, weight in enumerate((1.0, 0.5)):
                 inside = torch.zeros(hw)
                 inside[hw[0] // 4:, n * hw[1] // 2:(n + 1) * hw[1] // 2] = weight
-                term = ref_attn(q[row:row + 1], toks[n][None] @ wk.T, toks[n][None] @ wv.T, 8)[0]
+                term = ref_attention(q[row:row + 1], toks[n][None] @ wk.T, toks[n][None] @ wv.T, 8)[0]
                 want += inside.flatten()[:, None].double() * term
             torch.testing.assert_close(got[row], want, atol=2e-4, rtol=1e-4)
         top = torch.arange(hw[0] * hw[1]) < hw[0] // 4 * hw[1]  # no mask there: text attention only
@@ -181,7 +170,7 @@ def test_outside_start_end_is_plain_attention_and_lora_strength_zero_adds_no_pat
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, n, 1280, generator=g) for n in (64, 77, 77))
     got = call(hook, q, k, v, ("middle", 0), (8, 8))  # sigma 5.0: not in the last 10 % of the schedule
-    torch.testing.assert_close(got.double(), ref_attn(q, k, v, 8), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), ref_attention(q, k, v, 8), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_are_typed_errors(host, sd15, faceid, tmp_path):

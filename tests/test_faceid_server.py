@@ -34,8 +34,9 @@ def server(tmp_path_factory):
     from support import faceid_files as ff
     from tools.devkit.comfy_host import import_host
     from tools.devkit.comfy_server import ComfyServer
-    from tools.devkit.face_models import draw_faces, make_tiny_pack
+    from tools.devkit.face_models import make_tiny_pack
     import_host()
+    from support import comfy_files
 
     class Server(ComfyServer):
         def _yaml(self):
@@ -53,9 +54,7 @@ def server(tmp_path_factory):
     os.symlink(ff.cached_full_size("controlnet"), models / "controlnet" / "control_v11p_sd15_openpose.pth")
     ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))
     make_tiny_pack(models / "insightface", "buffalo_l")
-    for i, color in enumerate(COLORS):
-        Image.fromarray(draw_faces((640, 640), [(320, 320)], [color])).save(base / "in" / f"person_{i + 1}.png")
-    Image.fromarray(draw_faces((640, 640), [(160, 320), (480, 320)], COLORS[:2])).save(base / "in" / "group_photo.png")
+    comfy_files.write_face_photos(base / "in", COLORS)
     with srv:
         yield srv
 

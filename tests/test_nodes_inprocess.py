@@ -92,6 +92,22 @@ def test_folder_registration_merges_extra_model_paths(host, tmp_path):
         folder_paths.folder_names_and_paths.update(saved)
 
 
+def spy_attention(state, record):
+    """Wrap ``state``'s masked attention: ``record(q, k, v, heads, feature_hw)`` is called before each call, the
+    real attention answers it (and every attribute). Returns the real attention, to put back afterwards."""
+    inner = state.attention
+
+    class Spy:
+        def __getattr__(self, name):  # everything but the call is the real attention's
+            return getattr(inner, name)
+
+        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
+            record(q, k, v, heads, feature_hw)
+            return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
+    state.attention = Spy()
+    return inner
+
+
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_sampling_runs_with_unet_and_controlnet_patched(host, ifmodel, n):
     from support.comfy_models import tiny_sd15
@@ -100,17 +116,7 @@ def test_sampling_runs_with_unet_and_controlnet_patched(host, ifmodel, n):
     seen = []
     patched, pos, neg = apply(host, ifmodel, model, n)
     hook = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
-    spy = hook.state
-    original = spy.attention.__call__
-
-    class Spy:
-        def __getattr__(self, name):  # everything but the call is the real attention's
-            return getattr(original.__self__, name)
-
-        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
-            seen.append((tuple(feature_hw), k.shape[1]))
-            return original(q, k, v, heads, feature_hw, attention_fn=attention_fn)
-    spy.attention = Spy()
+    spy_attention(hook.state, lambda q, k, v, heads, hw: seen.append((tuple(hw), k.shape[1])))
     out = sample(nodes, patched, pos, neg)
     assert torch.isfinite(out).all()
     assert all(nk == 77 + n * 50 for _, nk in seen)
@@ -123,15 +129,6 @@ def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, 
     patched, pos, neg = apply(host, ifmodel, model, 2)
     state = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())).state
     calls = []
-    inner = state.attention
-
-    class Recording:
-        def __getattr__(self, name):  # everything but the call is the real attention's
-            return getattr(inner, name)
-
-        def __call__(self, q, k, v, heads, feature_hw, attention_fn=None):
-            calls.append(tuple(feature_hw))
-            return inner(q, k, v, heads, feature_hw, attention_fn=attention_fn)
     hooks = []
     original_call = m["patch"].Attn2Hook.__call__
 
@@ -139,7 +136,7 @@ def test_patch_reaches_every_cross_attention_block_of_unet_and_controlnet(host, 
         key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
         hooks.append((self.modules[key], key))
         return original_call(self, q, k, v, extra_options)
-    state.attention = Recording()
+    inner = spy_attention(state, lambda q, k, v, heads, hw: calls.append(tuple(hw)))
     m["patch"].Attn2Hook.__call__ = recording_call
     try:
         sample(nodes, patched, pos, neg, steps=1)

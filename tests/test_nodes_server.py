@@ -31,7 +31,7 @@ def _save(img: np.ndarray, path: Path) -> None:
 def server(tmp_path_factory):
     from tools.devkit.comfy_host import import_host
     from tools.devkit.comfy_server import ComfyServer
-    from tools.devkit.face_models import draw_faces, make_tiny_pack, write_tiny_recognizer
+    from tools.devkit.face_models import make_tiny_pack, write_tiny_recognizer
     import_host()
     from support import comfy_files
     base = tmp_path_factory.mktemp("comfy")
@@ -47,9 +47,7 @@ def server(tmp_path_factory):
     nested = models / "insightface" / "models" / "nested"
     shutil.move(str(nested / "models" / "x"), str(nested / "nested"))
     shutil.rmtree(nested / "models")
-    for i, color in enumerate(COLORS):
-        _save(draw_faces((640, 640), [(320, 320)], [color]), base / "in" / f"person_{i + 1}.png")
-    _save(draw_faces((640, 640), [(160, 320), (480, 320)], [COLORS[0], COLORS[1]]), base / "in" / "group_photo.png")
+    comfy_files.write_face_photos(base / "in", COLORS)
     _save(np.full((640, 640, 3), 128, np.uint8), base / "in" / "no_face.png")
     with srv:
         yield srv

@@ -64,7 +64,7 @@ def report(request):
 def server(tmp_path_factory):
     from tools.devkit.comfy_host import import_host
     from tools.devkit.comfy_server import ComfyServer
-    from tools.devkit.face_models import draw_faces, make_tiny_pack
+    from tools.devkit.face_models import make_tiny_pack
     import_host()
     from support import comfy_files
     base = tmp_path_factory.mktemp("soak")
@@ -74,9 +74,7 @@ def server(tmp_path_factory):
     for seed, name in enumerate(CHECKPOINTS):
         comfy_files.write_micro_instantfamily(str(models / "instantfamily" / name), seed=4 + seed)
     make_tiny_pack(models / "insightface", "antelopev2")
-    for i, color in enumerate(COLORS):
-        Image.fromarray(draw_faces((640, 640), [(320, 320)], [color])).save(base / "in" / f"person_{i + 1}.png")
-    Image.fromarray(draw_faces((640, 640), [(160, 320), (480, 320)], COLORS[:2])).save(base / "in" / "group.png")
+    comfy_files.write_face_photos(base / "in", COLORS, group="group.png")
     with srv:
         yield srv
 

@@ -96,3 +96,15 @@ def write_micro_instantfamily(path: str, seed: int = 4, face_pack: str = "antelo
     save_checkpoint(path, projector, {k: v.float() for k, v in _random_state(cn, seed, std=0.05).items()},
                     CheckpointMeta(face_pack=face_pack, projector=TINY_PROJECTOR, controlnet_layout="ldm",
                                    controlnet_config=cfg))
+
+
+def write_face_photos(folder, colors, group: str = "group_photo.png") -> None:
+    """ComfyUI ``input/`` photos the tiny face pack detects: ``person_<i>.png`` (one face of ``colors[i - 1]``,
+    640×640) for each colour, and ``group`` with the first two colours side by side."""
+    from PIL import Image
+
+    from tools.devkit.face_models import draw_faces
+    os.makedirs(folder, exist_ok=True)
+    for i, color in enumerate(colors):
+        Image.fromarray(draw_faces((640, 640), [(320, 320)], [color])).save(os.path.join(folder, f"person_{i + 1}.png"))
+    Image.fromarray(draw_faces((640, 640), [(160, 320), (480, 320)], list(colors[:2]))).save(os.path.join(folder, group))
