@@ -103,8 +103,7 @@ def tiny_recognizer_module(seed: int = 0):
     """
     torch = _torch()
     nn = torch.nn
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random state is left as it was
         torch.manual_seed(seed)
 
         class TinyRecognizer(nn.Module):
@@ -117,8 +116,6 @@ def tiny_recognizer_module(seed: int = 0):
                 return self.head(self.body(x))
 
         return TinyRecognizer().eval()
-    finally:
-        torch.random.set_rng_state(gen_state)
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
@@ -220,8 +217,7 @@ def mobilefacenet_recognizer_module(seed: int = 0):
     """
     torch = _torch()
     nn = torch.nn
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random state is left as it was
         torch.manual_seed(seed)
 
         class TinyMobileFaceNet(nn.Module):
@@ -239,8 +235,6 @@ def mobilefacenet_recognizer_module(seed: int = 0):
                 return self.bn(self.linear(x))
 
         return TinyMobileFaceNet().eval()
-    finally:
-        torch.random.set_rng_state(gen_state)
 
 
 def write_mobilefacenet_recognizer(path: Path, seed: int = 0, uninferable: bool = True) -> Path:
