@@ -14,9 +14,14 @@ puts its own patch there, holding lists ``callback`` and ``kwargs``. At run time
 ``kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]``, and its result is **added** to ``out``. The hook
 accepts ``.add``; when it is installed over such a patch it takes over that patch's callbacks. A replace patch
 that follows no known protocol is replaced with one warning naming the blocks (composition is impossible: both
-compute the whole attention). ``ModelPatcher.clone()`` deep-copies ``model_options``; a hook's deep copy is a new
-hook with its own callback lists sharing the heavy state, so ``.add`` on a later clone never reaches an earlier
-model.
+compute the whole attention).
+
+**Clones.** ``.add`` on a later clone must never reach an earlier model. ComfyUI 0.3.64's ``ModelPatcher.clone()``
+deep-copies ``model_options`` (a hook's deep copy is a :meth:`Attn2Hook.twin`); since ComfyUI PR #12382 (0.38)
+it copies only dicts and lists and shares every other object, hooks included. So every model this pack patches
+carries a ``CallbacksMP.ON_CLONE`` callback (:func:`isolate_hooks`, copied to each clone with the model's other
+callbacks) that gives the clone twins of the hooks it shares with its parent: own callback lists, the same rules
+and modules. Either clone rule gives the same result.
 
 **Two attention rules share this hook:**
 
@@ -63,6 +68,7 @@ logger = logging.getLogger("InstantFamily")
 ASPECT_TOLERANCE = 0.05
 REGIONS_KEY = "instantfamily_regions"
 WRAPPER_KEY = "instantfamily_regions"
+CLONE_KEY = "instantfamily_hooks"
 MASK_BACKENDS = ("attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch",
                  "attention_xformers")
 """ComfyUI kernels that apply an additive ``mask`` argument."""
@@ -152,7 +158,7 @@ class IdentityState:
         self._gate: tuple = (None, True)
         self.cache = RunCache()
 
-    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; this state is shared
+    def __deepcopy__(self, memo):  # shared by a model and its clones under either clone rule (see the module doc)
         return self
 
     @property
@@ -341,10 +347,14 @@ class Attn2Hook:
         self.callback.append(callback)
         self.kwargs.append(kwargs)
 
-    def __deepcopy__(self, memo):
+    def twin(self) -> "Attn2Hook":
+        """A hook with the same rules and modules and its own callback lists (what a clone of the model gets)."""
         twin = Attn2Hook(self.state, self.modules)
         twin.callback, twin.kwargs = list(self.callback), list(self.kwargs)
         return twin
+
+    def __deepcopy__(self, memo):  # ComfyUI before PR #12382 (0.3.64): clone() deep-copies model_options
+        return self.twin()
 
     def __call__(self, q, k, v, extra_options):
         st = self.state
@@ -423,7 +433,32 @@ def install_hooks(model, state: Optional[InstantFamilyAttention], callbacks: tup
         logger.warning("%s: replaced attn2 patches that follow no known protocol (they compute the whole "
                        "attention, so they cannot run beside ours): %s", owner, ", ".join(replaced))
     _add_regions_wrapper(model)
+    _add_clone_callback(model)
     return model
+
+
+def _attn2_replace(model) -> dict:
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
+def isolate_hooks(parent, clone) -> None:
+    """``CallbacksMP.ON_CLONE`` callback: each :class:`Attn2Hook` that ``clone`` shares with ``parent`` (ComfyUI's
+    dict/list-only copy of ``model_options``, PR #12382) is replaced in the clone by its :meth:`~Attn2Hook.twin`.
+    Under a deep copy (ComfyUI 0.3.64, before that PR) nothing is shared and nothing changes. The clone's ``attn2`` dict is its
+    own under either rule; the parent's is never touched."""
+    theirs = _attn2_replace(parent)
+    mine = _attn2_replace(clone)
+    if not theirs or mine is theirs:
+        return
+    for key, patch in list(mine.items()):
+        if isinstance(patch, Attn2Hook) and theirs.get(key) is patch:
+            mine[key] = patch.twin()
+
+
+def _add_clone_callback(model) -> None:
+    import comfy.patcher_extension as ext
+    if isolate_hooks not in model.get_callbacks(ext.CallbacksMP.ON_CLONE, CLONE_KEY):
+        model.add_callback_with_key(ext.CallbacksMP.ON_CLONE, CLONE_KEY, isolate_hooks)
 
 
 def regions_wrapper(executor, model, conds, x_in, timestep, model_options):
@@ -500,9 +535,10 @@ def text_lengths(conds) -> list[int]:
 
 
 def _add_regions_wrapper(model) -> None:
+    """One :func:`regions_wrapper` per model however many rules are chained: ``ModelPatcher.wrappers`` holds it
+    (ComfyUI merges it into ``model_options`` only when sampling starts), and clones copy it."""
     import comfy.patcher_extension as ext
-    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
-    if regions_wrapper not in wrappers.get(ext.WrappersMP.CALC_COND_BATCH, {}).get(WRAPPER_KEY, []):
+    if regions_wrapper not in model.get_wrappers(ext.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY):
         model.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, regions_wrapper)
 
 

@@ -1,6 +1,10 @@
 """Shared test set-up: the repository root and tests/ on sys.path (``support`` holds reusable generators),
 and no network at import of insightface 0.7.3.
 
+``clone_rule``: a test (or a module, through ``pytest.mark.usefixtures("clone_rule")``) that uses it runs once under
+each way ``ModelPatcher.clone()`` copies ``model_options`` — ComfyUI 0.3.64's deep copy and 0.38's dict/list-only
+copy (``support/clone_rules.py``) — on the real host.
+
 Under ``CI=true`` nothing may skip: a missing ComfyUI host stops the run at start, and any test that would skip
 (a missing optional package, browser or host) fails instead, with the skip's own reason."""
 
@@ -36,3 +40,19 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true: a skipped test is a failed test here ({reason})"
+
+
+def pytest_generate_tests(metafunc):
+    if "clone_rule" in metafunc.fixturenames:
+        from support.clone_rules import CLONE_RULES
+        metafunc.parametrize("clone_rule", CLONE_RULES, indirect=True, ids=[f"clone-{r}" for r in CLONE_RULES])
+
+
+@pytest.fixture
+def clone_rule(request):
+    """The clone rule this test runs under (see the module docstring); the host is imported first."""
+    from support.clone_rules import use_clone_rule
+    from tools.devkit.comfy_host import import_host
+    import_host()
+    with use_clone_rule(request.param):
+        yield request.param

@@ -17,7 +17,8 @@ import torch
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from test_nodes_inprocess import apply, cond, host, ifmodel, sample, spy_attention  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
+              pytest.mark.usefixtures("clone_rule")]  # every test under 0.3.64's and 0.38's clone()
 
 
 class StandInReplace:
@@ -182,6 +183,63 @@ def test_a_later_clone_never_reaches_the_earlier_model(host, ifmodel, patch_mod)
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
+def test_the_clone_rule_is_the_one_under_test(host, clone_rule):
+    """The fixture really switches clone(): 0.38 shares what is neither dict nor list, 0.3.64 copies everything."""
+    from support.comfy_models import tiny_sd15
+    model = tiny_sd15().clone()
+    leaf = StandInReplace(print)  # a plain object without __deepcopy__
+    model.model_options.setdefault("transformer_options", {})["probe"] = {"leaf": leaf, "list": [leaf]}
+    probe = model.clone().model_options["transformer_options"]["probe"]
+    assert probe is not model.model_options["transformer_options"]["probe"]
+    assert probe["list"] is not model.model_options["transformer_options"]["probe"]["list"]
+    assert (probe["leaf"] is leaf) == (clone_rule == "0.38")
+
+
+def test_rerunning_the_other_pack_on_a_cached_model_adds_its_callbacks_once(host, ifmodel, patch_mod):
+    """ComfyUI caches the InstantFamily MODEL; re-running the other pack's node on it (new weight) clones it again.
+    Each run's model has that run's one callback per block; the cached model has none, and sampling it runs none."""
+    from support.comfy_models import tiny_sd15
+    nodes, _, _ = host
+    model = tiny_sd15()
+    alone, pos, neg = apply(host, ifmodel, model, 1)
+    styles = [StyleTokens(weight=w) for w in (0.3, 0.5, 0.7)]
+    runs = [standin_apply(alone, s) for s in styles]
+    for style, run in zip(styles, runs):
+        assert all(p.callback == [style] for p in attn2_patches(run).values())
+    assert all(not p.callback for p in attn2_patches(alone).values())
+    sample(nodes, alone, pos, neg, steps=1)
+    assert not any(s.calls for s in styles)
+    sample(nodes, runs[-1], pos, neg, steps=1)
+    assert styles[-1].calls and not styles[0].calls and not styles[1].calls
+
+
+def test_without_the_clone_callback_the_0_38_rule_leaks(host, ifmodel, patch_mod, clone_rule):
+    """What the ON_CLONE callback prevents, shown on the same host: without it, 0.38's clone lets the other pack's
+    ``.add`` reach the upstream model (so the tests above can fail); 0.3.64's deep copy never did."""
+    import comfy.patcher_extension as ext
+    from support.comfy_models import tiny_sd15
+    alone, _, _ = apply(host, ifmodel, tiny_sd15(), 1)
+    assert alone.get_callbacks(ext.CallbacksMP.ON_CLONE, patch_mod.CLONE_KEY) == [patch_mod.isolate_hooks]
+    alone.remove_callbacks_with_key(ext.CallbacksMP.ON_CLONE, patch_mod.CLONE_KEY)
+    standin_apply(alone, StyleTokens())
+    leaked = any(p.callback for p in attn2_patches(alone).values())
+    assert leaked == (clone_rule == "0.38")
+
+
+def test_a_clone_of_a_clone_keeps_its_own_hooks(host, ifmodel, patch_mod):
+    """The callback travels with clones: A → B = clone(A) → C = clone(B); patching C reaches neither B nor A, and
+    hooks on B that nobody patched stay B's (the twins share the rule and modules)."""
+    from support.comfy_models import tiny_sd15
+    a, _, _ = apply(host, ifmodel, tiny_sd15(), 1)
+    b = a.clone()
+    c = standin_apply(b, StyleTokens())
+    for key, hook in attn2_patches(b).items():
+        assert not hook.callback and hook is not attn2_patches(a)[key] and hook is not attn2_patches(c)[key]
+        assert hook.state is attn2_patches(a)[key].state and hook.modules is attn2_patches(a)[key].modules
+    assert all(not p.callback for p in attn2_patches(a).values())
+    assert all(len(p.callback) == 1 for p in attn2_patches(c).values())
+
+
 def test_unknown_replace_patch_is_replaced_with_a_warning_naming_the_block(host, ifmodel, patch_mod, caplog):
     from support.comfy_models import tiny_sd15
     model = tiny_sd15().clone()
@@ -336,3 +394,24 @@ def test_a_crop_of_unknown_area_is_refused(host, ifmodel, patch_mod):
     opts[patch_mod.REGIONS_KEY] = {"latent_hw": (16, 16), "areas": {"a": (16, 8, 0, 8)}}  # b: unknown
     with pytest.raises(MaskError, match="area conditioning"):
         attn2_patches(patched)[key](q, k, v, opts)
+
+
+def test_the_regions_wrapper_runs_once_per_model_call_however_many_applies(host, ifmodel, patch_mod, monkeypatch):
+    """Chained applies (InstantFamily twice, with another pack between) register one wrapper; sampling runs it
+    as often as for a single apply."""
+    import comfy.patcher_extension as ext
+    from support.comfy_models import tiny_sd15
+    nodes, _, _ = host
+    model = tiny_sd15()
+    single, pos, neg = apply(host, ifmodel, model, 1)
+    chained, _, _ = apply(host, ifmodel, standin_apply(apply(host, ifmodel, model, 1)[0], StyleTokens()), 1)
+    for m in (single, chained):
+        assert m.get_wrappers(ext.WrappersMP.CALC_COND_BATCH, patch_mod.WRAPPER_KEY) == [patch_mod.regions_wrapper]
+    calls = []
+    original = patch_mod.ModelCall.__init__
+    monkeypatch.setattr(patch_mod.ModelCall, "__init__", lambda self, *a: calls.append(1) or original(self, *a))
+    sample(nodes, single, pos, neg, steps=2)
+    once = len(calls)
+    calls.clear()
+    sample(nodes, chained, pos, neg, steps=2)
+    assert once >= 2 and len(calls) == once

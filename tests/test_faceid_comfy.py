@@ -14,7 +14,8 @@ from test_faceid_core import ref_attention
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from tools.devkit.identities import random_identities
 
-pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
+              pytest.mark.usefixtures("clone_rule")]  # every test under 0.3.64's and 0.38's clone()
 
 DIFFUSERS_ORDER = ([f"down_blocks.{l}.attentions.{i}" for l in range(3) for i in range(2)]
                    + [f"up_blocks.{l}.attentions.{i}" for l in (1, 2, 3) for i in range(3)] + ["mid_block.attentions.0"])
@@ -268,6 +269,8 @@ def test_both_modes_share_one_hook_per_block_in_either_order(host, sd15, faceid,
     def instantfamily(model):
         return mn.ApplyInstantFamily().apply(model, ifmodel, ids, torch.zeros(1, 64, 64, 3), halves(2), cond, cond,
                                              1.0, "", 0.0, 0.0, 1.0, "checkpoint")[0]
+    import comfy.patcher_extension as ext
+    patch = host[2]["patch"]
     for model in (apply(host, instantfamily(sd15), faceid, ids, halves(2)),
                   instantfamily(apply(host, sd15, faceid, ids, halves(2)))):
         replace = model.model_options["transformer_options"]["patches_replace"]["attn2"]
@@ -275,3 +278,14 @@ def test_both_modes_share_one_hook_per_block_in_either_order(host, sd15, faceid,
         for hook in replace.values():
             assert hook.state is not None  # InstantFamily's joint attention as the base rule …
             assert [type(c).__name__ for c in hook.callback] == ["FaceIDRule"]  # … plus the FaceID term
+    # one regions wrapper and one clone callback per model, however many rules are chained, in every order
+    chains = {"if→faceid": apply(host, instantfamily(sd15), faceid, ids, halves(2)),
+              "faceid→if": instantfamily(apply(host, sd15, faceid, ids, halves(2))),
+              "if→faceid→if→faceid": apply(host, instantfamily(apply(host, instantfamily(sd15), faceid, ids,
+                                                                        halves(2))), faceid, ids, halves(2)),
+              "faceid→faceid": apply(host, apply(host, sd15, faceid, ids, halves(2)), faceid, ids, halves(2))}
+    for name, model in chains.items():
+        assert model.get_wrappers(ext.WrappersMP.CALC_COND_BATCH, patch.WRAPPER_KEY) == [patch.regions_wrapper], name
+        assert len(model.get_all_wrappers(ext.WrappersMP.CALC_COND_BATCH)) == 1, name
+        assert model.get_all_callbacks(ext.CallbacksMP.ON_CLONE) == [patch.isolate_hooks], name
+    assert not sd15.get_all_wrappers(ext.WrappersMP.CALC_COND_BATCH)  # the input model is never touched

@@ -17,7 +17,8 @@ from tools.devkit.face_models import draw_faces, session_tiny_root
 from tools.devkit.identities import random_identities
 from support.poses import frame, person
 
-pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
+              pytest.mark.usefixtures("clone_rule")]  # every test under 0.3.64's and 0.38's clone()
 GREEN, BLUE = (0, 200, 0), (0, 0, 200)
 NO_TEMPLATE = "none (use pose_keypoint)"
 

@@ -11,7 +11,8 @@ import torch
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
 from tools.devkit.identities import random_identities
 
-pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
+pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
+              pytest.mark.usefixtures("clone_rule")]  # every test under 0.3.64's and 0.38's clone()
 
 
 @pytest.fixture(scope="module")
