@@ -26,8 +26,12 @@ def _free_port() -> int:
 class ComfyServer:
     """``with ComfyServer(base) as srv:`` starts ComfyUI with ``base/models/...`` and ``base/custom_nodes``."""
 
-    def __init__(self, base: Path, extra_args: tuple = ()):
+    def __init__(self, base: Path, extra_args: tuple = (), extra_packs: dict | None = None, env: dict | None = None):
+        """``extra_packs``: ``{folder name: path}`` of more custom node packs to load beside this one (linked into
+        ``custom_nodes``); ``env``: variables added to the server's environment."""
         self.base = Path(base)
+        self.extra_packs = dict(extra_packs or {})
+        self.env = dict(env or {})
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
@@ -36,9 +40,10 @@ class ComfyServer:
         for d in ("custom_nodes", "models/checkpoints", "models/instantfamily", "models/insightface/models",
                   "models/unet", "in", "out", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        link = self.base / "custom_nodes" / PACK_NAME
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, path in {PACK_NAME: REPO, **self.extra_packs}.items():
+            link = self.base / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(path, target_is_directory=True)
 
     def _yaml(self) -> Path:
         path = self.base / "extra_model_paths.yaml"
@@ -57,8 +62,8 @@ class ComfyServer:
                "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
                "--output-directory", str(self.base / "out"), "--input-directory", str(self.base / "in"),
                "--user-directory", str(self.base / "user"), "--extra-model-paths-config", str(self._yaml()),
-               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, *self.extra_args]
-        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, *self.extra_packs, *self.extra_args]
+        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", **self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
