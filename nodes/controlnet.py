@@ -170,8 +170,11 @@ def build_controlnet(sd: dict, layout: str, config: dict | None, name: str = "co
     load_device = comfy.model_management.get_torch_device()
     unet_dtype = comfy.model_management.unet_dtype(model_params=-1, weight_dtype=comfy.utils.weight_dtype(sd))
     manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device)
-    model = MaskedControlNetModel(**ldm_cfg, operations=comfy.ops.pick_operations(unet_dtype, manual_cast),
-                                  dtype=unet_dtype, device=comfy.model_management.unet_offload_device())
+    # as ComfyUI's own ControlNet loaders (0.3.64's diffusers/controlnet-lllite paths, every path since): no fp8
+    # matrix-multiply ops for a ControlNet, even under --fast
+    operations = comfy.ops.pick_operations(unet_dtype, manual_cast, load_device=load_device, disable_fast_fp8=True)
+    model = MaskedControlNetModel(**ldm_cfg, operations=operations, dtype=unet_dtype,
+                                  device=comfy.model_management.unet_offload_device())
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{name}: ControlNet weights do not fit its config (missing {sorted(missing)[:5]}, "

@@ -42,9 +42,11 @@ each row's masks are cropped to its area before they are resized to the block, s
 picture. A model call on a crop whose area is unknown is refused with a message.
 
 **Backends.** Masked calls need a kernel that honours an additive mask. ComfyUI's sub-quadratic, PyTorch SDPA,
-split, basic and xformers kernels do; sage ignores it and flash rejects it, as may an
-``optimized_attention_override`` installed by another pack. Masked calls therefore run on ComfyUI's PyTorch kernel
-whenever the selected backend is not known to honour masks, and unmasked calls keep the selected one.
+split, basic and xformers kernels do. In 0.3.64 sage ignores it and flash rejects it; newer ComfyUI routes masked
+sage/flash calls to SDPA itself and adds kernels (Comfy-Kitchen int8, sage3) not checked here, and an
+``optimized_attention_override`` installed by another pack may drop masks. Masked calls therefore run on ComfyUI's
+PyTorch kernel whenever the selected backend is not one of :data:`MASK_BACKENDS`, and unmasked calls keep the
+selected one.
 
 Identities never travel inside CONDITIONING, so ComfyUI's batching of conditionings of different lengths (LCM
 repetition) cannot misplace them. Keys/values of identity tokens are projected once per block and sampling run (a

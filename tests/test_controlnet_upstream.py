@@ -116,3 +116,25 @@ def test_without_identities_forward_equals_upstream(host, options):
     assert any(o.abs().max() > 0 for o in want["output"])  # random zero convs: the outputs carry signal
     if options is not None:
         assert options["block"] == ("middle", 0) and options["original_shape"] == [2, 4, 16, 16]
+
+
+def test_blocks_are_called_as_the_mirror_calls_them(host):
+    """The mirror calls each block as ``module(h, emb, context, transformer_options)`` (positionally), which
+    ``TimestepEmbedSequential.forward(*args, **kwargs)`` hands to ``forward_timestep_embed``: pin that order."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    params = list(inspect.signature(oai.forward_timestep_embed).parameters)
+    assert params[:5] == ["ts", "x", "emb", "context", "transformer_options"], f"now {params}. {RECHECK}"
+
+
+def test_controlnet_operations_are_picked_as_comfyuis_loaders_pick_them(host, monkeypatch):
+    """Like ComfyUI's own ControlNet loaders: the load device and no fast-fp8 ops (``--fast`` leaves ControlNets
+    alone)."""
+    import comfy.ops
+    from support.comfy_models import tiny_controlnet_ldm
+    _, cn = host
+    seen = []
+    original = comfy.ops.pick_operations
+    monkeypatch.setattr(comfy.ops, "pick_operations", lambda *a, **kw: seen.append(kw) or original(*a, **kw))
+    sd, cfg = tiny_controlnet_ldm(seed=3)
+    cn.build_controlnet(sd, "ldm", cfg)
+    assert len(seen) == 1 and seen[0]["disable_fast_fp8"] is True and "load_device" in seen[0]
