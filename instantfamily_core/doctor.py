@@ -23,6 +23,13 @@ from typing import Callable, Iterable, Optional
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 TESTED_COMFYUI = "0.3.64"
+KNOWN_CHANGES_HANDLED = (  # newer ComfyUI (0.38) changes this pack handles; the README quotes this list
+    "clone() shares non-dict model_options objects (PR #12382): hooks isolated per clone by an ON_CLONE callback",
+    "regions wrapper registered once per model",
+    "extra_paths.yaml read before extra_model_paths.yaml",
+    "templates in example_workflows/, the folder newest ComfyUI prefers ('workflows' is a legacy alias)",
+    "ControlNet operations picked as ComfyUI's ControlNet loaders pick them (load device, no fast fp8)",
+)
 ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-silicon",
              "onnxruntime-rocm", "ort-nightly", "ort-nightly-gpu")
 ORT_FIX_CPU = "pip uninstall -y {dists} && pip install onnxruntime"
@@ -52,6 +59,8 @@ class Locations:
     comfyui: Optional[Path] = None
     comfyui_version: Optional[str] = None
     folders: dict = field(default_factory=dict)  # ComfyUI folder name → list of paths
+    path_configs: Optional[list] = None  # yaml files the CLI read folders from; None: folders from ComfyUI itself
+    path_notes: list = field(default_factory=list)  # files ignored or unreadable, as sentences
 
     def get(self, name: str) -> list[Path]:
         return [Path(p) for p in self.folders.get(name, [])]
@@ -103,55 +112,109 @@ def find_comfyui(explicit: Optional[str] = None, pack_root: Optional[Path] = Non
     return None, tried
 
 
-def extra_model_paths(root: Path) -> dict:
-    """Folders from ``<root>/extra_model_paths.yaml`` (ComfyUI's rules: ``base_path`` + relative entries, several
-    paths per entry separated by new lines). ``{}`` without the file or PyYAML."""
-    path = root / "extra_model_paths.yaml"
-    if not path.is_file():
-        return {}
+EXTRA_PATHS = "extra_paths.yaml"
+EXTRA_MODEL_PATHS = "extra_model_paths.yaml"
+
+
+def reads_extra_paths_yaml(install_dir: Path) -> bool:
+    """Whether this ComfyUI's ``main.py`` (read, not run) loads ``extra_paths.yaml``: newer ComfyUI reads it first
+    and then ignores ``extra_model_paths.yaml``; 0.3.64 reads only ``extra_model_paths.yaml``."""
     try:
-        import yaml
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except Exception:  # noqa: BLE001 - a broken yaml is reported by ComfyUI itself
-        return {}
-    out: dict = {}
-    for conf in config.values():
-        if not isinstance(conf, dict):
+        text = (install_dir / "main.py").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"['\"]extra_paths\.yaml['\"]", text) is not None
+
+
+def path_config_files(root: Path, extra_configs: Iterable = ()) -> tuple[list[Path], list[str]]:
+    """The yaml files ComfyUI at ``root`` reads in ``main.py`` ``apply_custom_paths``, in its order, and notes on
+    the ones it ignores. Next to the real ``main.py`` (symlinks resolved, as ComfyUI does): ``extra_paths.yaml``,
+    else ``extra_model_paths.yaml`` (when main.py knows extra_paths.yaml; older ComfyUI reads only
+    ``extra_model_paths.yaml``); then ``extra_configs`` (``--extra-model-paths-config``)."""
+    install_dir = Path(os.path.realpath(root / "main.py")).parent
+    new, legacy = install_dir / EXTRA_PATHS, install_dir / EXTRA_MODEL_PATHS
+    files, notes = [], []
+    if reads_extra_paths_yaml(install_dir) and new.is_file():
+        files.append(new)
+        if legacy.is_file():
+            notes.append(f"{legacy} ignored: this ComfyUI reads {EXTRA_PATHS} instead when both exist")
+    elif legacy.is_file():
+        files.append(legacy)
+    files += [Path(p).expanduser() for p in extra_configs]
+    return files, notes
+
+
+def _config_paths(conf: dict, base: Optional[str], yaml_dir: str, out: dict) -> None:
+    """One yaml block (ComfyUI's rules: ``base_path`` + relative entries, several paths per entry separated by new
+    lines, ``is_default`` puts them first) merged into ``out``; a nested ``models:`` block likewise."""
+    if conf.get("base_path"):
+        base = os.path.expandvars(os.path.expanduser(str(conf["base_path"])))
+        if not os.path.isabs(base):
+            base = os.path.abspath(os.path.join(yaml_dir, base))
+    first = bool(conf.get("is_default"))
+    for key, value in conf.items():
+        if key == "models" and isinstance(value, dict):
+            _config_paths(value, base, yaml_dir, out)
             continue
-        base = conf.get("base_path")
-        base = os.path.expandvars(os.path.expanduser(str(base))) if base else None
-        if base and not os.path.isabs(base):
-            base = os.path.abspath(os.path.join(root, base))
-        for key, value in conf.items():
-            if key in ("base_path", "is_default") or not isinstance(value, str):
-                continue
-            for line in value.split("\n"):
-                line = line.strip()
-                if line:
-                    full = os.path.join(base, line) if base else line
-                    out.setdefault(key, []).append(os.path.normpath(os.path.expandvars(os.path.expanduser(full))))
+        if key in ("base_path", "is_default") or not isinstance(value, str):
+            continue
+        paths = []
+        for line in value.split("\n"):
+            line = line.strip()
+            if line:
+                full = os.path.join(base, line) if base else os.path.join(yaml_dir, line)
+                paths.append(os.path.normpath(os.path.expandvars(os.path.expanduser(full))))
+        out[key] = paths + out.get(key, []) if first else out.get(key, []) + paths
+
+
+def extra_model_paths(path: Path) -> dict:
+    """``{folder name: [paths]}`` from one ``extra_paths.yaml`` / ``extra_model_paths.yaml``; relative paths are
+    relative to the file's folder. Raises ``OSError`` / ``yaml.YAMLError`` / ``ImportError`` (no PyYAML)."""
+    import yaml
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    out: dict = {}
+    yaml_dir = os.path.dirname(os.path.abspath(path))
+    for conf in (config.values() if isinstance(config, dict) else ()):
+        if isinstance(conf, dict):
+            _config_paths(conf, None, yaml_dir, out)
     return out
 
 
-def locations_for(root: Optional[Path]) -> Locations:
-    """Default ComfyUI model folders of ``root`` merged with ``extra_model_paths.yaml``."""
+def locations_for(root: Optional[Path], extra_configs: Iterable = ()) -> Locations:
+    """Default ComfyUI model folders of ``root`` merged with the yaml files that ComfyUI version reads
+    (:func:`path_config_files`); ``extra_configs`` are files it was started with (``--extra-model-paths-config``)."""
     if root is None:
         return Locations()
-    extra = extra_model_paths(root)
+    files, notes = path_config_files(root, extra_configs)
+    extra: dict = {}
+    read = []
+    for f in files:
+        try:
+            found = extra_model_paths(f)
+        except Exception as e:  # noqa: BLE001 - missing, broken or unreadable: said in the model paths row
+            notes.append(f"{f} not read: {type(e).__name__}: {_first_line(e)}")
+            continue
+        read.append(str(f))
+        for name, paths in found.items():
+            extra.setdefault(name, []).extend(paths)
     folders = {}
     for name, sub in FOLDERS.items():
         folders[name] = [str(root / "models" / sub)] + [p for p in extra.get(name, []) if p]
-    return Locations(root, comfyui_version(root), folders)
+    return Locations(root, comfyui_version(root), folders, read, notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # environment checks
 
-def _version_tuple(v: str) -> tuple:
-    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+def _version_tuple(v: str) -> Optional[tuple]:
+    """``(major, minor, patch)`` compared as numbers (0.38.1 > 0.3.64 < 0.3.100); None when ``v`` has no
+    ``N.N[.N]`` at its start (a suffix such as ``-dev`` or ``+git`` is ignored)."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", v or "")
+    return tuple(int(x or 0) for x in m.groups()) if m else None
 
 
 def check_comfyui(loc: Locations, tried: Iterable[str] = ()) -> Check:
+    """Found, and its version against :data:`TESTED_COMFYUI`: same ok; older, newer or not comparable warn."""
     if loc.comfyui is None:
         return Check("ComfyUI", FAIL, f"not found (tried {', '.join(tried) or 'nothing'})",
                      "run from ComfyUI/custom_nodes/ComfyUI-InstantFamily, or pass --comfyui <ComfyUI folder>, or set "
@@ -160,11 +223,30 @@ def check_comfyui(loc: Locations, tried: Iterable[str] = ()) -> Check:
     if v is None:
         return Check("ComfyUI", WARN, f"{loc.comfyui} (version unknown: no comfyui_version.py)",
                      f"update ComfyUI (git pull); this pack is tested with {TESTED_COMFYUI}")
-    if _version_tuple(v) < _version_tuple(TESTED_COMFYUI):
+    have, tested = _version_tuple(v), _version_tuple(TESTED_COMFYUI)
+    if have is None:
+        return Check("ComfyUI", WARN, f"{v} at {loc.comfyui}: version cannot be compared with the tested "
+                     f"{TESTED_COMFYUI}", f"this pack is tested with ComfyUI {TESTED_COMFYUI}")
+    if have < tested:
         return Check("ComfyUI", WARN, f"{v} at {loc.comfyui}",
                      f"older than the tested {TESTED_COMFYUI}; update ComfyUI (git pull, then pip install -r "
                      "requirements.txt)")
-    return Check("ComfyUI", OK, f"{v} at {loc.comfyui}")
+    if have > tested:
+        return Check("ComfyUI", WARN, f"{v} at {loc.comfyui}: newer than tested ({TESTED_COMFYUI}): known changes "
+                     f"handled: {'; '.join(KNOWN_CHANGES_HANDLED)}",
+                     f"if something fails, report it with this report, or use ComfyUI {TESTED_COMFYUI}")
+    return Check("ComfyUI", OK, f"{v} at {loc.comfyui} (the tested version)")
+
+
+def check_model_paths(loc: Locations) -> list[Check]:
+    """Which extra-paths yaml files the CLI read (and ignored); nothing when ComfyUI gave the folders (the node)."""
+    if loc.comfyui is None or loc.path_configs is None:
+        return []
+    read = ", ".join(loc.path_configs) or f"none (no {EXTRA_PATHS} or {EXTRA_MODEL_PATHS}): default folders only"
+    if loc.path_notes:
+        return [Check("model paths", WARN, f"read {read}; " + "; ".join(loc.path_notes),
+                      "move what you need into the file that is read, or fix it (ComfyUI reads the same files)")]
+    return [Check("model paths", OK, f"read {read}")]
 
 
 def check_torch(importer=importlib.import_module) -> Check:
@@ -574,7 +656,7 @@ def run_checks(loc: Locations, tried: Iterable[str] = (), importer=importlib.imp
     """Every check, in order. ``importer`` / ``version_of`` are ``importlib.import_module`` /
     ``importlib.metadata.version`` unless replaced (tests simulate broken installs with them)."""
     steps = [
-        ("ComfyUI", lambda: [check_comfyui(loc, tried)]),
+        ("ComfyUI", lambda: [check_comfyui(loc, tried)] + check_model_paths(loc)),
         ("torch", lambda: [check_torch(importer)]),
         ("onnxruntime", lambda: check_onnxruntime(importer, version_of)),
         ("insightface", lambda: [check_insightface(importer)]),

@@ -58,7 +58,8 @@ def good(host, tmp_path_factory):
     real = find_comfyui()
     root = tmp_path_factory.mktemp("doctor") / "ComfyUI"
     root.mkdir()
-    for name in ("main.py", "comfy", "folder_paths.py", "comfyui_version.py"):
+    shutil.copy(real / "main.py", root / "main.py")  # ComfyUI reads its yaml files next to main.py's real path
+    for name in ("comfy", "folder_paths.py", "comfyui_version.py"):
         (root / name).symlink_to(real / name)
     m = root / "models"
     make_tiny_pack(m / "insightface", "tinypack")
@@ -312,3 +313,131 @@ def test_node_shows_the_report_in_comfyui(host, good, tmp_path):
     flat = " ".join(report.split())
     assert cli_rows and all(" ".join(f"{r.name} {r.status} {r.detail} fix: {r.fix}".split()) in flat
                             for r in cli_rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the ComfyUI version row and the yaml files a given ComfyUI reads
+
+NEWER_MAIN = """# main.py of a newer ComfyUI, reduced to what the doctor reads: apply_custom_paths reads
+# extra_paths.yaml and ignores extra_model_paths.yaml when both exist (upstream main.py since that change)
+import os
+
+
+def apply_custom_paths(load):
+    install_dir = os.path.dirname(os.path.realpath(__file__))
+    primary = os.path.join(install_dir, "extra_paths.yaml")
+    legacy = os.path.join(install_dir, "extra_model_paths.yaml")
+    if os.path.isfile(primary):
+        load(primary)
+    elif os.path.isfile(legacy):
+        load(legacy)
+"""
+
+
+def _bare_host(tmp_path, version: str, main: str = None) -> Path:
+    """A ComfyUI folder with the real host's code (linked), ``comfyui_version.py`` saying ``version``, and the real
+    0.3.64 ``main.py`` or the text ``main``; no models."""
+    real = find_comfyui()
+    root = tmp_path / f"ComfyUI-{version}"
+    root.mkdir()
+    for name in ("comfy", "folder_paths.py"):
+        (root / name).symlink_to(real / name)
+    if main is None:
+        shutil.copy(real / "main.py", root / "main.py")
+    else:
+        (root / "main.py").write_text(main)
+    (root / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    return root
+
+
+def _comfyui_row(root):
+    d = _doctor()
+    return d.check_comfyui(d.locations_for(root))
+
+
+def test_newer_comfyui_warns_and_lists_the_changes_handled(tmp_path):
+    d = _doctor()
+    for version in ("0.38.1", "0.3.100", "1.0"):
+        row = _comfyui_row(_bare_host(tmp_path, version))
+        assert row.status == d.WARN, (version, row)
+        assert "newer than tested (0.3.64): known changes handled: " in row.detail
+        assert version in row.detail
+        for change in d.KNOWN_CHANGES_HANDLED:
+            assert change in row.detail
+    assert any("PR #12382" in c and "ON_CLONE" in c for c in d.KNOWN_CHANGES_HANDLED)
+    assert any("extra_paths.yaml" in c for c in d.KNOWN_CHANGES_HANDLED)
+
+
+def test_same_older_and_unparsable_comfyui_versions(tmp_path, capsys):
+    d = _doctor()
+    same = _comfyui_row(_bare_host(tmp_path, "0.3.64"))
+    assert same.status == d.OK and "0.3.64" in same.detail and "newer" not in same.detail
+    for version in ("0.3.9", "0.2.100"):  # numerically older, though 0.3.9 > 0.3.64 as text
+        older = _comfyui_row(_bare_host(tmp_path, version))
+        assert older.status == d.WARN and older.detail.startswith(version) and "newer" not in older.detail
+        assert older.fix.startswith("older than the tested 0.3.64")
+    odd = _bare_host(tmp_path, "nightly-build")
+    row = _comfyui_row(odd)
+    assert row.status == d.WARN and "cannot be compared" in row.detail and "0.3.64" in row.detail
+    assert "older than" not in row.fix + row.detail and "newer than" not in row.detail
+    rc, out = _cli(["--comfyui", str(odd), "--quiet", "--json"], capsys)  # the whole report still comes out
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert rows["ComfyUI"]["status"] == "warn" and "cannot be compared" in rows["ComfyUI"]["detail"]
+    assert "SD1.5 checkpoint" in rows and rc == 1  # no models in a bare host
+
+
+def _pack_in(folder: Path, name: str) -> Path:
+    from tools.devkit.face_models import make_tiny_pack
+    make_tiny_pack(folder, name)
+    return folder
+
+
+def _yaml(path: Path, block: str, insightface: Path) -> None:
+    path.write_text(f"{block}:\n  base_path: {insightface.parent}\n  insightface: {insightface.name}\n")
+
+
+def test_newer_comfyui_reads_extra_paths_yaml_and_ignores_extra_model_paths_yaml(tmp_path, capsys):
+    root = _bare_host(tmp_path, "0.38.1", NEWER_MAIN)
+    new = _pack_in(tmp_path / "new" / "insightface", "newpack")
+    old = _pack_in(tmp_path / "old" / "insightface", "oldpack")
+    _yaml(root / "extra_paths.yaml", "mine", new)
+    _yaml(root / "extra_model_paths.yaml", "legacy", old)
+    d = _doctor()
+    loc = d.locations_for(root)
+    assert loc.get("insightface") == [root / "models" / "insightface", new]
+    rc, out = _cli(["--comfyui", str(root), "--quiet", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert rows["face pack newpack"]["status"] == "ok" and str(new) in rows["face pack newpack"]["detail"]
+    assert "face pack oldpack" not in rows
+    paths = rows["model paths"]
+    assert paths["status"] == "warn" and f"read {root / 'extra_paths.yaml'};" in paths["detail"]
+    assert f"{root / 'extra_model_paths.yaml'} ignored" in paths["detail"]
+    # only extra_model_paths.yaml: used
+    (root / "extra_paths.yaml").unlink()
+    loc = d.locations_for(root)
+    assert loc.get("insightface") == [root / "models" / "insightface", old]
+    (row,) = d.check_model_paths(loc)
+    assert row.status == d.OK and row.detail == f"read {root / 'extra_model_paths.yaml'}"
+    rows = {r.name: r for r in d.check_face_packs(loc, d.Models())}
+    assert "face pack oldpack" in rows and "face pack newpack" not in rows
+
+
+def test_comfyui_0_3_64_reads_only_extra_model_paths_yaml(tmp_path):
+    """The real 0.3.64 main.py knows no extra_paths.yaml: with both files, extra_model_paths.yaml is what counts;
+    a path without base_path is relative to the yaml file's folder, as in ComfyUI's loader."""
+    d = _doctor()
+    root = _bare_host(tmp_path, "0.3.64")
+    assert not d.reads_extra_paths_yaml(root)
+    assert d.reads_extra_paths_yaml(_bare_host(tmp_path, "0.38.1", NEWER_MAIN))
+    new, old = tmp_path / "new", root / "mine" / "insightface"
+    _yaml(root / "extra_paths.yaml", "mine", new)
+    (root / "extra_model_paths.yaml").write_text("legacy:\n  insightface: mine/insightface\n")
+    loc = d.locations_for(root)
+    assert loc.get("insightface") == [root / "models" / "insightface", old]
+    assert loc.path_configs == [str(root / "extra_model_paths.yaml")] and loc.path_notes == []
+    none = _bare_host(tmp_path, "0.3.65")
+    (row,) = d.check_model_paths(d.locations_for(none))
+    assert row.status == d.OK and row.detail.startswith("read none")
+    (none / "extra_model_paths.yaml").write_text("legacy: [unclosed\n")
+    (row,) = d.check_model_paths(d.locations_for(none))
+    assert row.status == d.WARN and f"{none / 'extra_model_paths.yaml'} not read: " in row.detail
