@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
-from tools.devkit.workflow_format import load_twin, shrink as shrink_graph
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.workflow_format import WORKFLOWS_DIR, load_twin, shrink as shrink_graph
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
-FACEID_WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("faceid_*.json"))
+FACEID_WORKFLOWS = sorted(p.stem for p in WORKFLOWS_DIR.glob("faceid_*.json"))
 RUN = ["faceid_2_people_pose_from_photo", "faceid_4_people_template"]
 COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
@@ -89,7 +89,7 @@ def test_faceid_workflows_agree_with_object_info_and_are_templates(server):
                                      "faceid_plusv2_2_people_pose_from_photo"}
     assert set(FACEID_WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
     for name in FACEID_WORKFLOWS:
-        with open(REPO / "workflows" / f"{name}.json") as f:
+        with open(WORKFLOWS_DIR / f"{name}.json") as f:
             assert ui_to_api(json.load(f), info) == load_twin(name), name
         prompt = load_twin(name)
         for nid, node in prompt.items():

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
-from tools.devkit.workflow_format import load_twin, shrink
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.workflow_format import WORKFLOWS_DIR, load_twin, shrink
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
-WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("instantfamily_*.json"))  # faceid_*: test_faceid_server
+WORKFLOWS = sorted(p.stem for p in WORKFLOWS_DIR.glob("instantfamily_*.json"))  # faceid_*: test_faceid_server
 COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)]
 
 
@@ -91,7 +91,7 @@ def test_workflows_are_templates_and_agree_with_object_info(server):
     assert set(WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
     assert len(WORKFLOWS) == 3
     for name in WORKFLOWS:
-        with open(REPO / "workflows" / f"{name}.json") as f:
+        with open(WORKFLOWS_DIR / f"{name}.json") as f:
             ui = json.load(f)
         twin = load_twin(name)
         assert ui_to_api(ui, info) == twin, name

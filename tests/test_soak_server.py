@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.devkit.comfy_host import HOW_TO_PROVIDE, REPO, find_comfyui
+from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
+from tools.devkit.workflow_format import API_DIR
 
 pytestmark = pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE)
 
@@ -80,7 +81,7 @@ def server(tmp_path_factory):
 
 
 def _base_prompt() -> dict:
-    with open(REPO / "workflows" / "api" / "instantfamily_2_identities_pose_from_photo.json") as f:
+    with open(API_DIR / "instantfamily_2_identities_pose_from_photo.json") as f:
         p = json.load(f)
     for node in p.values():
         if node["class_type"] == "InstantFamilyPoseFromImage":

@@ -1,5 +1,10 @@
-"""Builds the bundled workflows: API-format prompts defined here → ``workflows/api/<name>.json`` and their UI
-(LiteGraph) twins ``workflows/<name>.json`` that the ComfyUI frontend loads as templates.
+"""Builds the bundled workflows: API-format prompts defined here → ``example_workflows/api/<name>.json``, their UI
+(LiteGraph) twins ``example_workflows/<name>.json`` that ComfyUI lists as this pack's templates, and a ``.jpg``
+thumbnail of each (its pose with slot circles beside the tinted mask preview, drawn by the pack's own code).
+
+Every UI workflow gets the same readable layout (:func:`layout_for`): groups "People", "Pose and masks", "Model",
+"Generate" in columns that follow the data, and a note naming each file to download, its folder, and what to
+change first (:func:`note_for`). New templates get it too: a node class without a group is an error here.
 
 Needs a ComfyUI host (for ``/object_info``): ``python tools/build_workflows.py`` from the repository root.
 """
@@ -18,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from instantfamily_core.fileio import write_text_atomic  # noqa: E402
 from tools.devkit.comfy_server import ComfyServer  # noqa: E402
-from tools.devkit.workflow_format import api_to_ui  # noqa: E402
+from tools.devkit.workflow_format import API_DIR, WORKFLOWS_DIR, api_to_ui  # noqa: E402
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
@@ -130,16 +135,163 @@ FACEID_WORKFLOWS = {
 }
 
 
+GROUPS = (("People", 0, "#3f789e"), ("Pose and masks", 0, "#8A8"), ("Model", 1, "#b06634"), ("Generate", 2, "#a1309b"))
+"""(title, band, colour): bands are columns left to right in data order; groups of one band stack downwards."""
+GROUP_OF_CLASS = {
+    "InstantFamilyFaceAnalysisLoader": "People", "InstantFamilyEncodeIdentity": "People",
+    "InstantFamilyCombineIdentities": "People", "InstantFamilyLoadIdentities": "People",
+    "InstantFamilyPoseFromImage": "Pose and masks", "InstantFamilyPoseToMasks": "Pose and masks",
+    "PreviewImage": "Pose and masks",
+    "CheckpointLoaderSimple": "Model", "InstantFamilyLoader": "Model", "InstantFamilyFaceIDLoader": "Model",
+    "CLIPVisionLoader": "Model", "ControlNetLoader": "Model", "CLIPTextEncode": "Model",
+    "ApplyInstantFamily": "Model", "ApplyInstantFamilyFaceID": "Model", "ControlNetApplyAdvanced": "Model",
+    "EmptyLatentImage": "Generate", "KSampler": "Generate", "VAEDecode": "Generate", "SaveImage": "Generate",
+}
+
+
+def layout_for(prompt: dict) -> dict:
+    """Cells for :func:`~tools.devkit.workflow_format.api_to_ui`: in "People" the face analysis on top, then one
+    row per person (two people per row from three people on): photo, then its Encode Identity; in the other
+    groups a node's column is its depth among its group's nodes, and a preview sits under the node it shows."""
+    cells: dict = {}
+    people = [nid for nid in prompt if prompt[nid]["class_type"] == "InstantFamilyEncodeIdentity"]
+    per_row = 1 if len(people) <= 2 else 2
+    for i, nid in enumerate(people):
+        row, col = divmod(i, per_row)
+        image = prompt[nid]["inputs"]["image"][0]
+        cells[image] = ("People", 2 * col, row + 1)
+        cells[nid] = ("People", 2 * col + 1, row + 1)
+    group = {}
+    for nid, node in prompt.items():
+        if nid in cells:
+            group[nid] = cells[nid][0]
+        elif node["class_type"] == "LoadImage":
+            group[nid] = "Pose and masks"  # photos of people are placed above; this one shows the pose
+        elif node["class_type"] in GROUP_OF_CLASS:
+            group[nid] = GROUP_OF_CLASS[node["class_type"]]
+        else:
+            raise ValueError(f"{node['class_type']}: no group for this node class; add it to GROUP_OF_CLASS")
+    depth: dict = {}
+
+    def col(nid):
+        if nid not in depth:
+            srcs = [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2
+                    and isinstance(v[0], str) and group.get(v[0]) == group[nid]]
+            depth[nid] = 1 + max((col(s) for s in srcs), default=-1)
+        return depth[nid]
+    used: dict = {}
+    for nid in sorted(prompt, key=int):
+        if nid in cells:
+            continue
+        node = prompt[nid]
+        if node["class_type"] == "PreviewImage":
+            continue
+        c = 0 if node["class_type"] == "InstantFamilyFaceAnalysisLoader" else col(nid)
+        key = (group[nid], c)
+        cells[nid] = (group[nid], c, used.get(key, 0))
+        used[key] = used.get(key, 0) + 1
+    for nid, node in prompt.items():
+        if node["class_type"] == "PreviewImage":  # under the node whose image it shows
+            g, c, r = cells[node["inputs"]["images"][0]]
+            cells[nid] = (g, c, used.get((g, c), r + 1))
+            used[(g, c)] = cells[nid][2] + 1
+    return {"groups": GROUPS, "cells": cells}
+
+
+FOLDERS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "`ComfyUI/models/checkpoints/`",
+    ("InstantFamilyLoader", "checkpoint"): "`ComfyUI/models/instantfamily/` (nobody has released weights: train "
+                                           "and export one, docs/training.md)",
+    ("InstantFamilyFaceIDLoader", "ipadapter_file"): "`ComfyUI/models/ipadapter/` (h94/IP-Adapter-FaceID)",
+    ("ControlNetLoader", "control_net_name"): "`ComfyUI/models/controlnet/` (lllyasviel/ControlNet-v1-1)",
+    ("CLIPVisionLoader", "clip_name"): "`ComfyUI/models/clip_vision/`",
+    ("InstantFamilyFaceAnalysisLoader", "pack"): "`ComfyUI/models/insightface/models/{value}/` (the `.onnx` files "
+                                                 "directly inside)",
+}
+
+
+def note_for(name: str, prompt: dict) -> str:
+    """The workflow's Markdown note: what it does, each file to download and its folder (read from the loaders'
+    widgets), the photos it expects, and what to change first."""
+    files, photos = [], []
+    for node in prompt.values():
+        for (cls, key), folder in FOLDERS.items():
+            if node["class_type"] == cls:
+                value = node["inputs"][key]
+                files.append(f"- **{value}** → {folder.format(value=value)}")
+        if node["class_type"] == "LoadImage":
+            photos.append(node["inputs"]["image"])
+    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
+    mode = "public IP-Adapter-FaceID weights" if any(
+        n["class_type"] == "ApplyInstantFamilyFaceID" for n in prompt.values()) else "an InstantFamily checkpoint"
+    pose = ("the pose of `group_photo.png` (Pose from Image; `pip install controlnet-aux`, or set its method to "
+            "*faces*)" if "group_photo.png" in photos else "a bundled pose template")
+    lines = [f"## {name.replace('_', ' ')}", "",
+             f"{people} people in one image with {mode}, placed by {pose}. Each person's face acts only inside "
+             "their own mask (the preview in *Pose and masks*).", "", "**Download** (then run the doctor: "
+             "`python custom_nodes/ComfyUI-InstantFamily/tools/doctor.py`):", *dict.fromkeys(files), "",
+             "**Change first:** in *People*, pick one photo per person (" + ", ".join(
+                 f"`{p}`" for p in photos if p.startswith("person_")) + " in `ComfyUI/input/`); list order = "
+             "left to right in the pose. Then check the file names in *Model* and Queue."]
+    return "\n".join(lines)
+
+
+def _template_for(prompt: dict) -> tuple[str, bool]:
+    (ptm,) = [n for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
+    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
+    template = ptm["inputs"]["template"]
+    return (template, False) if template.endswith(".json") else (f"family_{people}.json", True)
+
+
+def render_thumbnail(prompt: dict, height: int = 200):
+    """The thumbnail (H×W×3 uint8): the control image this workflow's Pose to Masks makes above its mask preview,
+    by the pack's own drawing code; for a pose from a photo, the bundled template of as many people, captioned."""
+    import cv2
+    import numpy as np
+    from instantfamily_core.pose import assign_slots, parse_pose
+    from instantfamily_core.render import draw_control_image, draw_openpose_image, draw_preview
+    template, from_photo = _template_for(prompt)
+    (ptm,) = [n for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
+    with open(ROOT / "pose_templates" / template) as f:
+        data = json.load(f)
+    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
+    width = max(64, 8 * round(data[0]["canvas_width"] * height / data[0]["canvas_height"] / 8))
+    slots = assign_slots(parse_pose(data).scaled(width, height), people, None, ptm["inputs"]["margin"])
+    openpose = ptm["inputs"].get("control_image", CONTROL_CIRCLES) == CONTROL_OPENPOSE
+    control = draw_openpose_image(slots.frame) if openpose else draw_control_image(slots)
+    preview = draw_preview(control, slots)
+    out = np.concatenate([control, np.full((8, width, 3), 255, np.uint8), preview], axis=0)  # near-square cards
+    if from_photo:
+        for colour, thick in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+            cv2.putText(out, "pose from your photo", (6, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, thick,
+                        cv2.LINE_AA)
+    return out
+
+
+def write_thumbnail(path: Path, image) -> None:
+    import io
+    from PIL import Image
+    from instantfamily_core.fileio import write_bytes_atomic
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=88)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def all_prompts() -> dict:
+    prompts = {name: family_prompt(n, photo) for name, (n, photo) in WORKFLOWS.items()}
+    prompts.update({name: faceid_prompt(*spec) for name, spec in FACEID_WORKFLOWS.items()})
+    return prompts
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = server.get("/object_info")
-    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
-    prompts = {name: family_prompt(n, photo) for name, (n, photo) in WORKFLOWS.items()}
-    prompts.update({name: faceid_prompt(*spec) for name, spec in FACEID_WORKFLOWS.items()})
-    for name, prompt in prompts.items():
-        for path, data in ((ROOT / "workflows" / "api" / f"{name}.json", prompt),
-                           (ROOT / "workflows" / f"{name}.json", api_to_ui(prompt, info))):
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for name, prompt in all_prompts().items():
+        ui = api_to_ui(prompt, info, layout=layout_for(prompt), note=note_for(name, prompt))
+        for path, data in ((API_DIR / f"{name}.json", prompt), (WORKFLOWS_DIR / f"{name}.json", ui)):
             write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+        write_thumbnail(WORKFLOWS_DIR / f"{name}.jpg", render_thumbnail(prompt))
         print("wrote", name)
 
 
