@@ -1,7 +1,8 @@
 """The bundled templates in ComfyUI's real frontend (headless Chromium) against a real server: the template browser
 lists the pack's templates with their thumbnails; each UI workflow opens without a page error or a missing node
 type, with its four labelled groups and its note, no link crossing a group it does not belong to, and the
-frontend's own ``graphToPrompt`` turns it into exactly its API twin. A screenshot of the template browser and of
+frontend's own ``graphToPrompt`` turns it into exactly its API twin; a node's help page opens in the node library
+with its pictures. A screenshot of the template browser and of
 each template at the frontend's fit-to-view is written to ``$INSTANTFAMILY_ARTIFACTS/frontend`` (default
 ``.artifacts/frontend`` in the repository, never committed)."""
 
@@ -89,6 +90,20 @@ def test_templates_in_the_real_frontend(tmp_path):
                 out = page.evaluate("async () => (await window.app.graphToPrompt()).output")
                 got = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in out.items()}
                 assert got == json.loads((API_DIR / wf.name).read_text()), wf.name
+
+            # a node's help page in the node library panel (web/docs/<NodeClass>.md), with its pictures
+            page.evaluate("async () => { await window.app.extensionManager.command.execute("
+                          "'Workspace.ToggleSidebarTab.node-library'); }")
+            page.locator("input[placeholder*='Search']").first.fill("Pose to Masks")
+            item = page.get_by_text("InstantFamily Pose to Masks").first
+            item.wait_for(timeout=15000)
+            item.hover()
+            page.locator("button.help-button").first.click()
+            page.get_by_text("Common errors").first.wait_for(timeout=15000)
+            page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => i.src.includes("
+                                   "'/docs/images/pose_to_masks_preview.png') && i.complete && i.naturalWidth > 0)",
+                                   timeout=15000)
+            page.screenshot(path=str(ARTIFACTS / "node_help_pose_to_masks.png"))
             assert errors[before:] == [], errors[before:]
         finally:
             browser.close()

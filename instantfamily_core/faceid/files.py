@@ -155,7 +155,7 @@ def _refuse_flat(name: str, flat: dict):
     keys = list(flat)
     if any(k.startswith(("lora_unet_", "unet.", "lora_te")) for k in keys):
         raise FaceIDFileError(f"{name}: this is a LoRA, not an IP-Adapter-FaceID file; choose it as the loader's "
-                              "'lora_file' (or load it with a LoRA loader) and pick the matching "
+                              "'lora' (or load it with a LoRA loader) and pick the matching "
                               "ip-adapter-faceid*_sd15.bin as the adapter")
     raise FaceIDFileError(f"{name}: no 'image_proj.'/'ip_adapter.' keys (found e.g. {keys[:3]}); not an "
                           "IP-Adapter file")
