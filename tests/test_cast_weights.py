@@ -59,13 +59,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import sys
 
 import pytest
 import torch
 
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
-from tools.devkit.identities import random_identities
+from test_nodes_inprocess import cond, host, identities, ifmodel, pose_for  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.skipif(find_comfyui() is None, reason=HOW_TO_PROVIDE),
               pytest.mark.usefixtures("clone_rule")]  # every test under 0.3.64's and 0.38's clone()
@@ -76,38 +75,21 @@ ATTN2_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
 PROBE_KEY = "test_cast_weights_probe"
 
 
-@pytest.fixture(scope="module")
-def host():
-    from tools.devkit.comfy_host import import_host, load_pack
-    nodes = import_host()
-    pack = load_pack()
-    mods = {m: sys.modules[f"{pack.__name__}.nodes.{m}"] for m in ("patch", "controlnet", "model_nodes",
-                                                                    "pose_nodes")}
-    return nodes, mods
-
-
-@pytest.fixture(scope="module")
-def ifmodel(host, tmp_path_factory):
-    from support.comfy_models import write_tiny_checkpoint
-    _, m = host
-    path = tmp_path_factory.mktemp("if") / "tiny_if.safetensors"
-    write_tiny_checkpoint(path)
-    return m["model_nodes"].load_instantfamily(str(path))
-
-
 # ----------------------------------------------------------------------------------------------- load paths
 
 
 @contextlib.contextmanager
-def lowvram_loads():
-    """Sampling inside loads every model partially (see the module docstring); yields the budgets the host chose."""
+def _loads(budget):
+    """Sampling inside loads every model with ``budget`` (``None``: the one the host chooses), from a clean slate;
+    yields the budgets the host chose."""
     import comfy.model_management as mm
     original = mm.LoadedModel.model_load
     chosen = []
 
     def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
         chosen.append(lowvram_model_memory)
-        return original(self, LOWVRAM_BUDGET, force_patch_weights=force_patch_weights)
+        return original(self, lowvram_model_memory if budget is None else budget,
+                        force_patch_weights=force_patch_weights)
     mm.unload_all_models()
     mm.LoadedModel.model_load = model_load
     try:
@@ -115,25 +97,18 @@ def lowvram_loads():
     finally:
         mm.LoadedModel.model_load = original
         mm.unload_all_models()
+
+
+def lowvram_loads():
+    """Every model partially loaded (see the module docstring)."""
+    return _loads(LOWVRAM_BUDGET)
 
 
 @contextlib.contextmanager
 def full_loads():
-    """The host's own path (everything loaded, patches baked into ``.weight``), from a clean slate."""
-    import comfy.model_management as mm
-    original = mm.LoadedModel.model_load
-    chosen = []
-
-    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
-        chosen.append(lowvram_model_memory)
-        return original(self, lowvram_model_memory, force_patch_weights=force_patch_weights)
-    mm.unload_all_models()
-    mm.LoadedModel.model_load = model_load
-    try:
+    """The host's own path (everything loaded, patches baked into ``.weight``)."""
+    with _loads(None) as chosen:
         yield chosen
-    finally:
-        mm.LoadedModel.model_load = original
-        mm.unload_all_models()
     assert chosen and all(b == 0 for b in chosen), f"the CPU host chose budgets {chosen}, not a full load"
 
 
@@ -143,20 +118,6 @@ LOADS = {"lowvram": lowvram_loads, "full": full_loads}
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def identities(n, seed=0):
-    return random_identities(n, seed, face_pack="tinypack")
-
-
-def pose_for(n, w=128, h=128):
-    from support.poses import frame, person
-    return frame([person((i + 0.5) * w / n, h * 0.3, s=w / (6 * n)) for i in range(n)], w=w, h=h)
-
-
-def cond(seed, length=77):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, length, 768, generator=g), {}]]
-
-
 def sample(nodes, model, positive, negative, seed=0, steps=1, size=16, cfg=5.0):
     latent = {"samples": torch.zeros(1, 4, size, size)}
     return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
@@ -164,7 +125,7 @@ def sample(nodes, model, positive, negative, seed=0, steps=1, size=16, cfg=5.0):
 
 def apply(host, ifm, model, n=2):
     """Apply InstantFamily (ControlNet strength 1.0) to ``model``; returns ``(patched, positive, negative)``."""
-    _, m = host
+    _, _, m = host
     pose_image, masks, _ = m["pose_nodes"].PoseToMasks().run(identities(n), "none (use pose_keypoint)", 128, 128,
                                                              0.25, "auto", pose_keypoint=pose_for(n))
     return m["model_nodes"].ApplyInstantFamily().apply(model, ifm, identities(n), pose_image, masks, cond(1),
@@ -194,7 +155,7 @@ def fresh_ifmodel(host, ifmodel, patches: dict | None = None):
     """The loaded InstantFamily model with its own ControlNet (the same weights, another ModelPatcher), carrying
     ``patches`` on the ControlNet's attn2 k/v (keys ``input_blocks.….attn2.to_k.weight``)."""
     from support.comfy_models import tiny_controlnet_ldm
-    _, m = host
+    _, _, m = host
     sd, cfg = tiny_controlnet_ldm(seed=2)  # the ControlNet of write_tiny_checkpoint(seed=2)
     cn = m["controlnet"].build_controlnet(sd, "ldm", cfg)
     if patches:
@@ -236,7 +197,7 @@ def run(host, ifmodel, path: str, unet_patches: dict | None, cn_patches: dict | 
     unpatched weights)``."""
     import comfy.patcher_extension as ext
     from support.comfy_models import tiny_sd15
-    nodes, _ = host
+    nodes, _, _ = host
     model = tiny_sd15()
     unet = unet_kv(model)
     if unet_patches:
@@ -349,7 +310,7 @@ def test_a_patch_added_between_runs_reaches_the_next_run(host, ifmodel):
     fresh with both patches, the third repeats the first."""
     import comfy.patcher_extension as ext
     from support.comfy_models import tiny_sd15
-    nodes, _ = host
+    nodes, _, _ = host
     first_patches = deltas(unet_kv(tiny_sd15()), seed=21)
     more_patches = deltas(unet_kv(tiny_sd15()), seed=22)
 
