@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 TESTED_COMFYUI = "0.3.64"
-KNOWN_CHANGES_HANDLED = (  # newer ComfyUI (0.38) changes this pack handles; the README quotes this list
+KNOWN_CHANGES_HANDLED = (  # newer ComfyUI (0.38) changes this pack handles (docs/compatibility.md explains each)
     "clone() shares non-dict model_options objects (PR #12382): hooks isolated per clone by an ON_CLONE callback",
     "regions wrapper registered once per model",
     "extra_paths.yaml read before extra_model_paths.yaml",

@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end on tiny settings and write their tables (no timing is asserted here:
 ``--report-only`` keeps a missed timing target from failing the run; timing belongs to the benchmarks
-themselves, see README → Benchmarks). bench_overhead's exit code checks bias builds per resolution, a count."""
+themselves, see docs/benchmarks.md). bench_overhead's exit code checks bias builds per resolution, a count."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 accelerate 1.x starts a single process for ``--cpu --num_processes 2`` (its multi-CPU path needs mpirun), so the
 test launches through torchrun with ``--multi_gpu`` and ``ACCELERATE_USE_CPU=true``, which gives
-``DistributedType.MULTI_CPU`` with the gloo backend — the documented CPU recipe in README.md (Training CLI)."""
+``DistributedType.MULTI_CPU`` with the gloo backend — the documented CPU recipe in docs/training.md."""
 
 import json
 import os

@@ -5,7 +5,7 @@
         --out eval/ckpt-5000 [--clip-model models/clip-vit-large-patch14] [--label ckpt-5000]
 
 Writes summary.md / summary.json / summary.csv / per_image.csv / contact_sheet.png / similarity_hist.png to
-``--out``. See ``README.md (Evaluation CLI)`` for the cases file format and the metric definitions.
+``--out``. See ``docs/evaluation.md`` for the cases file format and the metric definitions.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Per case (the evaluation CLI's cases format, ``training/evaluation/cases.py``) a
 continues where it stopped (images are written atomically; a run with other settings into the same folder is
 refused).
 
-The math is the ComfyUI nodes' (see README, "Generate CLI"): identities encoded like *Encode Identity* (largest face
+The math is the ComfyUI nodes' (see docs/evaluation.md, "Generate"): identities encoded like *Encode Identity* (largest face
 per reference image, averaged), masks and the control image like *Pose to Masks*, the projector, masked attention
 and ControlNet of the checkpoint like *Apply InstantFamily* (weight 1, ControlNet strength 1, whole schedule), and
 sampling equal to ComfyUI's ``KSampler`` with sampler ``euler``, scheduler ``simple`` and the same seed (initial

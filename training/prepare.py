@@ -11,7 +11,7 @@ sidecars, ``--pose-detector controlnet_aux --pose-model <Annotators folder>`` ru
 
 Per image: resize (shorter side R) + centre crop R×R, faces detected on the original and matched to the pose's
 people, global + local features from the face pack, the pose moved into the crop, a preview control image with
-slot circles. Output: shards + ``manifest.json`` (see ``training/data.py`` and ``README.md (Training CLI)``).
+slot circles. Output: shards + ``manifest.json`` (see ``training/data.py`` and ``docs/training.md``).
 
 Resumable: shard k always covers inputs [k·S, (k+1)·S) of the sorted input list, and finished shards are kept.
 A bad input is skipped with its reason (never fatal); ``manifest.json`` lists every skip. Several machines can

@@ -6,7 +6,7 @@
 
 Single process (CPU or one GPU): ``python training/train.py ...`` (or ``python -m training.train ...`` from the
 repository root). The flags follow diffusers' ``examples/controlnet/train_controlnet.py`` (``--report-to``,
-``--lr-scheduler``, …); ``README.md (Training CLI)`` maps our names to theirs.
+``--lr-scheduler``, …); ``docs/training.md`` maps our names to theirs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 per-input count of the cases tried, printed as a table at the end of the session.
 
 Every fuzz test body calls :func:`tried` once per generated case; :func:`summary_lines` turns the counts into the
-table that the ``fuzz_report`` fixture prints (and that README's "Reliability" paragraph quotes).
+table that the ``fuzz_report`` fixture prints (and that docs/testing.md's "Reliability" paragraph quotes).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Evaluation of generated multi-identity images (``training/evaluate.py``): see ``README.md (Evaluation CLI)``."""
+"""Evaluation of generated multi-identity images (``training/evaluate.py``): see ``docs/evaluation.md``."""

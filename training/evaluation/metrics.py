@@ -1,6 +1,6 @@
 """Evaluation formulas (pure numpy + scipy), one function per number the report shows.
 
-Conventions (documented in ``README.md (Evaluation CLI)``):
+Conventions (documented in ``docs/evaluation.md``):
 
 * every similarity is the **cosine** of two embeddings, whatever the recognizer (dlib's 128-d descriptors are
   not unit-norm, so they are normalised here); dlib scores are not numerically comparable to the paper's FaceNet;
