@@ -132,3 +132,14 @@ def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.n
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color, 1, cv2.LINE_AA)
     return out
+
+
+def draw_caption(image: np.ndarray, text: str) -> np.ndarray:
+    """``image`` (H×W×3 uint8) with ``text`` written along its bottom edge (black outline, white letters)."""
+    cv2 = _cv2()
+    out = image.copy()
+    scale = max(0.3, min(out.shape[0], out.shape[1]) / 512 * 0.6)
+    org = (4, out.shape[0] - 6)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out

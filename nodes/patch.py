@@ -446,8 +446,8 @@ def _attn2_replace(model) -> dict:
 def isolate_hooks(parent, clone) -> None:
     """``CallbacksMP.ON_CLONE`` callback: each :class:`Attn2Hook` that ``clone`` shares with ``parent`` (ComfyUI's
     dict/list-only copy of ``model_options``, PR #12382) is replaced in the clone by its :meth:`~Attn2Hook.twin`.
-    Under a deep copy (ComfyUI 0.3.64, before that PR) nothing is shared and nothing changes. The clone's ``attn2`` dict is its
-    own under either rule; the parent's is never touched."""
+    Under a deep copy (ComfyUI 0.3.64, before that PR) nothing is shared and nothing changes. The clone's ``attn2``
+    dict is its own under either rule; the parent's is never touched."""
     theirs = _attn2_replace(parent)
     mine = _attn2_replace(clone)
     if not theirs or mine is theirs:

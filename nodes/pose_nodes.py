@@ -17,7 +17,7 @@ from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
 from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, count_frames, parse_order, parse_pose,
                                      pose_from_faces, poses_from_controlnet_aux)
-from instantfamily_core.render import draw_control_image, draw_openpose_image, draw_preview
+from instantfamily_core.render import draw_caption, draw_control_image, draw_openpose_image, draw_preview
 
 from . import paths
 from .convert import images_to_uint8, uint8_to_image
@@ -116,20 +116,8 @@ class PoseToMasks:
             raise OptionError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
         preview = draw_preview(control, slots, out_masks)
         if note:
-            preview = _caption(preview, note)
+            preview = draw_caption(preview, note)
         return (uint8_to_image(control), out_masks, uint8_to_image(preview))
-
-
-def _caption(image, text: str):
-    """``image`` (H×W×3 uint8) with ``text`` written along its bottom edge (black outline, white letters)."""
-    import cv2
-
-    out = image.copy()
-    scale = max(0.3, min(out.shape[0], out.shape[1]) / 512 * 0.6)
-    org = (4, out.shape[0] - 6)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    return out
 
 
 OPENPOSE_METHOD = "openpose (controlnet-aux)"

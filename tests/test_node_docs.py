@@ -277,7 +277,8 @@ def fetch_custom_node_help(base_url: str, python_module: str, node_name: str, lo
     """``NodeHelpService.fetchCustomNodeHelp`` of the frontend: the locale page, else the plain one. Returns
     ``(url that answered, markdown)``."""
     pack_name = custom_node_name(python_module)
-    for path in (f"/extensions/{pack_name}/docs/{node_name}/{locale}.md", f"/extensions/{pack_name}/docs/{node_name}.md"):
+    for path in (f"/extensions/{pack_name}/docs/{node_name}/{locale}.md",
+                 f"/extensions/{pack_name}/docs/{node_name}.md"):
         status, _, body = http_get(base_url + path)
         if status == 200:
             return path, body.decode("utf-8")

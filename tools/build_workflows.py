@@ -221,7 +221,7 @@ def note_for(name: str, prompt: dict) -> str:
                 files.append(f"- **{value}** → {folder.format(value=value)}")
         if node["class_type"] == "LoadImage":
             photos.append(node["inputs"]["image"])
-    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
+    people = _count_people(prompt)
     mode = "public IP-Adapter-FaceID weights" if any(
         n["class_type"] == "ApplyInstantFamilyFaceID" for n in prompt.values()) else "an InstantFamily checkpoint"
     pose = ("the pose of `group_photo.png` (Pose from Image; `pip install controlnet-aux`, or set its method to "
@@ -236,36 +236,29 @@ def note_for(name: str, prompt: dict) -> str:
     return "\n".join(lines)
 
 
-def _template_for(prompt: dict) -> tuple[str, bool]:
-    (ptm,) = [n for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
-    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
-    template = ptm["inputs"]["template"]
-    return (template, False) if template.endswith(".json") else (f"family_{people}.json", True)
+def _count_people(prompt: dict) -> int:
+    return sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
 
 
 def render_thumbnail(prompt: dict, height: int = 200):
     """The thumbnail (H×W×3 uint8): the control image this workflow's Pose to Masks makes above its mask preview,
     by the pack's own drawing code; for a pose from a photo, the bundled template of as many people, captioned."""
-    import cv2
     import numpy as np
     from instantfamily_core.pose import assign_slots, parse_pose
-    from instantfamily_core.render import draw_control_image, draw_openpose_image, draw_preview
-    template, from_photo = _template_for(prompt)
-    (ptm,) = [n for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
-    with open(ROOT / "pose_templates" / template) as f:
+    from instantfamily_core.render import draw_caption, draw_control_image, draw_openpose_image, draw_preview
+    (ptm,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
+    people = _count_people(prompt)
+    from_photo = not ptm["template"].endswith(".json")
+    with open(ROOT / "pose_templates" / (f"family_{people}.json" if from_photo else ptm["template"])) as f:
         data = json.load(f)
-    people = sum(node["class_type"] == "InstantFamilyEncodeIdentity" for node in prompt.values())
     width = max(64, 8 * round(data[0]["canvas_width"] * height / data[0]["canvas_height"] / 8))
-    slots = assign_slots(parse_pose(data).scaled(width, height), people, None, ptm["inputs"]["margin"])
-    openpose = ptm["inputs"].get("control_image", CONTROL_CIRCLES) == CONTROL_OPENPOSE
+    slots = assign_slots(parse_pose(data).scaled(width, height), people, None, ptm["margin"])
+    openpose = ptm.get("control_image", CONTROL_CIRCLES) == CONTROL_OPENPOSE
     control = draw_openpose_image(slots.frame) if openpose else draw_control_image(slots)
     preview = draw_preview(control, slots)
-    out = np.concatenate([control, np.full((8, width, 3), 255, np.uint8), preview], axis=0)  # near-square cards
     if from_photo:
-        for colour, thick in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-            cv2.putText(out, "pose from your photo", (6, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, thick,
-                        cv2.LINE_AA)
-    return out
+        control = draw_caption(control, "pose from your photo")
+    return np.concatenate([control, np.full((8, width, 3), 255, np.uint8), preview], axis=0)  # near-square cards
 
 
 def write_thumbnail(path: Path, image) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import types
 
@@ -82,6 +81,6 @@ def install_clone_rule_038(model_patcher=None) -> None:
         return
     _check_host_clone(model_patcher)
     import comfy.utils
-    if not hasattr(comfy.utils, "deepcopy_list_dict"):  # a host that has it already clones by it
-        comfy.utils.deepcopy_list_dict = deepcopy_list_dict  # where upstream keeps it
+    if not hasattr(comfy.utils, "deepcopy_list_dict"):  # where upstream keeps it; a host's own copy is kept
+        comfy.utils.deepcopy_list_dict = deepcopy_list_dict
     model_patcher.copy = types.SimpleNamespace(deepcopy=lambda obj, memo=None: comfy.utils.deepcopy_list_dict(obj))

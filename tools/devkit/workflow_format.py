@@ -19,6 +19,7 @@ VIRTUAL_NODES = ("Note", "MarkdownNote")
 """Frontend-only nodes: never part of the API prompt."""
 NODE_WIDTH, COLUMN_GAP, ROW_GAP, GROUP_PAD, GROUP_TITLE, BAND_GAP, GROUP_GAP = 360, 50, 50, 20, 120, 140, 90
 GROUP_FONT = 72
+_NOTE_HEIGHT = 300
 """Group titles large enough to read when the whole workflow is fitted to the screen."""
 
 
@@ -77,8 +78,7 @@ def _node_height(class_type: str, inputs: int, outputs: int, widgets: int) -> in
     return 40 + 24 * max(inputs, outputs) + 26 * widgets
 
 
-def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None, layout: dict | None = None,
-              note: str | None = None) -> dict:
+def api_to_ui(prompt: dict, object_info: dict, layout: dict | None = None, note: str | None = None) -> dict:
     """A loadable UI workflow from an API prompt.
 
     Without ``layout`` nodes are laid out in columns by dependency depth. With ``layout`` — ``{"groups": [(title,
@@ -86,7 +86,6 @@ def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None,
     group's grid, groups are stacked top to bottom in vertical bands placed left to right (band order = data
     order), and each group gets a titled frame. ``note``: a Markdown note above the first band.
     """
-    extra_values = extra_values or {}
     depth: dict = {}
 
     def level(nid):
@@ -136,16 +135,13 @@ def api_to_ui(prompt: dict, object_info: dict, extra_values: dict | None = None,
     last = max(int(k) for k in prompt)
     if note:
         last += 1
-        width = max((g["bounding"][2] for g in groups if g["bounding"][0] == groups[0]["bounding"][0]),
-                    default=2 * NODE_WIDTH) if groups else 2 * NODE_WIDTH
+        width = groups[0]["bounding"][2] if groups else 2 * NODE_WIDTH  # as wide as the first band's frames
         nodes.append({"id": last, "type": "MarkdownNote", "pos": [40, 40], "size": [width, _NOTE_HEIGHT],
                       "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": last, "last_link_id": link_id, "nodes": nodes,
             "links": links, "groups": groups, "config": {}, "extra": {}, "version": 0.4}
 
-
-_NOTE_HEIGHT = 300
 
 
 def _place(nodes: list, depth: dict, layout: dict | None, top: int) -> list:
@@ -163,11 +159,11 @@ def _place(nodes: list, depth: dict, layout: dict | None, top: int) -> list:
     missing = sorted(set(by_id) - set(cells), key=int)
     if missing:
         raise ValueError(f"layout: nodes {missing} have no cell")
-    groups, band_x, band_y, band_w = [], 40, {}, {}
+    groups, band_x = [], 40
     order = [title for title, _, _ in layout["groups"]]
     bands = sorted({band for _, band, _ in layout["groups"]})
     sizes = {}
-    for title in order:  # each group's grid: column widths and row heights
+    for title in order:  # each group's grid: column count and row heights
         members = [(c, r, by_id[nid]) for nid, (g, c, r) in cells.items() if g == title]
         cols = max((c for c, _, _ in members), default=-1) + 1
         row_h: dict = {}
@@ -228,10 +224,19 @@ def links_crossing_groups(workflow: dict) -> list[tuple[int, str]]:
 
 
 def _segment_hits_rect(p, q, rect) -> bool:
+    """Whether the segment p→q meets the rectangle ``(x, y, w, h)`` (Liang–Barsky clipping)."""
     x, y, w, h = rect
-    steps = 64
-    return any(x <= p[0] + (q[0] - p[0]) * t / steps <= x + w and y <= p[1] + (q[1] - p[1]) * t / steps <= y + h
-               for t in range(steps + 1))
+    dx, dy = q[0] - p[0], q[1] - p[1]
+    lo, hi = 0.0, 1.0
+    for step, room in ((-dx, p[0] - x), (dx, x + w - p[0]), (-dy, p[1] - y), (dy, y + h - p[1])):
+        if step == 0:
+            if room < 0:
+                return False
+        elif step < 0:
+            lo = max(lo, room / step)
+        else:
+            hi = min(hi, room / step)
+    return lo <= hi
 
 
 def load_twin(name: str) -> dict:
