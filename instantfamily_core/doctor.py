@@ -146,7 +146,7 @@ def path_config_files(root: Path, extra_configs: Iterable = ()) -> tuple[list[Pa
 
 def _config_paths(conf: dict, base: Optional[str], yaml_dir: str, out: dict) -> None:
     """One yaml block (ComfyUI's rules: ``base_path`` + relative entries, several paths per entry separated by new
-    lines, ``is_default`` puts them first) merged into ``out``; a nested ``models:`` block likewise."""
+    lines, ``is_default`` puts them first, in reverse as ComfyUI does) merged into ``out``; a nested ``models:`` block likewise."""
     if conf.get("base_path"):
         base = os.path.expandvars(os.path.expanduser(str(conf["base_path"])))
         if not os.path.isabs(base):
@@ -164,7 +164,8 @@ def _config_paths(conf: dict, base: Optional[str], yaml_dir: str, out: dict) -> 
             if line:
                 full = os.path.join(base, line) if base else os.path.join(yaml_dir, line)
                 paths.append(os.path.normpath(os.path.expandvars(os.path.expanduser(full))))
-        out[key] = paths + out.get(key, []) if first else out.get(key, []) + paths
+        # is_default: ComfyUI inserts each path at the front in turn, so the last one listed ends up first
+        out[key] = paths[::-1] + out.get(key, []) if first else out.get(key, []) + paths
 
 
 def extra_model_paths(path: Path) -> dict:

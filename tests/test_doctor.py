@@ -441,3 +441,29 @@ def test_comfyui_0_3_64_reads_only_extra_model_paths_yaml(tmp_path):
     (none / "extra_model_paths.yaml").write_text("legacy: [unclosed\n")
     (row,) = d.check_model_paths(d.locations_for(none))
     assert row.status == d.WARN and f"{none / 'extra_model_paths.yaml'} not read: " in row.detail
+
+
+def test_yaml_folders_equal_comfyuis_own_reader(host, tmp_path, monkeypatch):
+    """The doctor's reading of one model-paths yaml against ComfyUI's own (``utils/extra_config.
+    load_extra_path_config`` → ``folder_paths.add_model_folder_path``): relative and absolute ``base_path``, entries
+    without one (relative to the yaml's folder), several paths per entry, ``is_default`` (ComfyUI puts each of its
+    paths first, one after the other)."""
+    import importlib.util
+
+    import folder_paths
+    spec = importlib.util.spec_from_file_location("comfy_extra_config", find_comfyui() / "utils" / "extra_config.py")
+    extra_config = importlib.util.module_from_spec(spec)  # by path: another ``utils`` may be on sys.path
+    spec.loader.exec_module(extra_config)
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "extra_model_paths.yaml"
+    path.write_text(f"a:\n  base_path: {tmp_path / 'abs'}\n  checkpoints: |\n    one\n    two\n  loras: l\n"
+                    "b:\n  base_path: ../rel\n  is_default: true\n  checkpoints: |\n    first\n    second\n"
+                    "  insightface: faces\n"
+                    "c:\n  instantfamily: |\n    here\n    sub/there\n")
+    names = ("checkpoints", "loras", "insightface", "instantfamily")
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths",
+                        {name: ([], set()) for name in names})
+    extra_config.load_extra_path_config(str(path))
+    theirs = {name: folder_paths.folder_names_and_paths[name][0] for name in names}
+    ours = _doctor().extra_model_paths(path)
+    assert {name: ours.get(name, []) for name in names} == theirs
