@@ -1,9 +1,11 @@
-"""Public-weights mode: the published SD1.5 IP-Adapter-FaceID files for N masked people in one pass.
+"""Public-weights mode: the published SD1.5 and SDXL IP-Adapter-FaceID files for N masked people in one pass.
 
 Loader (``models/ipadapter``, merged with extra_model_paths) → Apply (identities from Encode Identity, masks from
 Pose to Masks) → a patched MODEL; the pose goes to the stock ``ControlNetLoader`` + ``ControlNetApplyAdvanced``
-with the public ``control_v11p_sd15_openpose`` (the FaceID LoRA is applied to the UNet only, never to a
-ControlNet).
+with a public OpenPose ControlNet (SD1.5: ``control_v11p_sd15_openpose``; SDXL: thibaud ``OpenPoseXL2`` or xinsir
+``controlnet-openpose-sdxl-1.0``). The FaceID LoRA is applied to the UNet only, never to a ControlNet. The file's
+base (SD1.5/SDXL) must be the model's: the model's cross-attention topology is read from its live modules and
+compared with the file's.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from instantfamily_core.identity import is_skipped, skipped_slots
 
 from . import paths
 from .face_nodes import CATEGORY, IDENTITIES
-from .faceid_patch import FaceIDRule, check_sd15_topology, install_faceid
+from .faceid_patch import FaceIDRule, check_topology, install_faceid
 from .file_cache import FileCache
-from .model_nodes import check_apply_inputs, check_sd15
+from .model_nodes import check_apply_inputs, check_base
 
 logger = logging.getLogger("InstantFamily")
 
@@ -92,12 +94,12 @@ def load_faceid_model(path: str, plus_version: str, lora_choice: str, lora_path:
 
 
 class FaceIDLoader:
-    DESCRIPTION = ("Loads a published SD1.5 IP-Adapter-FaceID file from models/ipadapter: "
-                   "ip-adapter-faceid_sd15.bin (FaceID), ip-adapter-faceid-plusv2_sd15.bin / -plus_sd15.bin "
-                   "(Plus v2 / v1, need a CLIP ViT-H vision model), ip-adapter-faceid-portrait(-v11)_sd15.bin "
-                   "(Portrait: 16 tokens per reference photo, up to 5). .bin files are read tensors-only; flat "
-                   ".safetensors with image_proj./ip_adapter. keys work too. SDXL FaceID and non-FaceID "
-                   "IP-Adapters are refused. " + LICENCE)
+    DESCRIPTION = ("Loads a published IP-Adapter-FaceID file (SD1.5 or SDXL) from models/ipadapter: "
+                   "ip-adapter-faceid_sd15.bin / _sdxl.bin (FaceID), ip-adapter-faceid-plusv2_sd15.bin / "
+                   "_sdxl.bin / -plus_sd15.bin (Plus v2 / v1, need a CLIP ViT-H vision model), "
+                   "ip-adapter-faceid-portrait(-v11)_sd15.bin / -portrait_sdxl.bin (Portrait: 16 tokens per "
+                   "reference photo, up to 5). .bin files are read tensors-only; flat .safetensors with image_proj./"
+                   "ip_adapter. keys work too. Non-FaceID IP-Adapters are refused. " + LICENCE)
     CATEGORY = CATEGORY
     RETURN_TYPES = (FACEID,)
     RETURN_NAMES = ("faceid",)
@@ -108,7 +110,7 @@ class FaceIDLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "ipadapter_file": (folder_paths.get_filename_list(IPADAPTER),
-                               {"tooltip": "an SD1.5 IP-Adapter-FaceID file in models/ipadapter"}),
+                               {"tooltip": "an IP-Adapter-FaceID file (SD1.5 or SDXL) in models/ipadapter"}),
             "plus_version": (list(PLUS_VERSIONS), {"default": PLUS_VERSIONS[0], "tooltip": (
                 "FaceID Plus v1 and v2 files have identical keys; v2 adds the ID tokens back "
                 "(x + s_scale·perceiver). auto: v2 when the file name contains 'plusv2'")}),
@@ -123,6 +125,26 @@ class FaceIDLoader:
         if lora not in (EMBEDDED_LORA, NO_LORA):
             lora_path = folder_paths.get_full_path("loras", lora)
         return (load_faceid_model(path, plus_version, lora, lora_path),)
+
+
+def apply_lora(model, lora: dict, strength: float, name: str):
+    """A clone of ``model`` with ``lora`` on its UNet through ComfyUI's own key map and loader (as its LoRA loaders
+    do; never on a ControlNet). Every LoRA module of the file must land on a UNet weight: a key ComfyUI cannot map
+    is an error, not a silently weaker identity."""
+    import comfy.lora
+    import comfy.lora_convert
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora = comfy.lora_convert.convert_lora(lora)
+    loaded = comfy.lora.load_lora(lora, key_map, log_missing=False)
+    modules = [k for k in lora if k.endswith("down.weight")]
+    if len(loaded) < len(modules):
+        mapped = {k for k in key_map}
+        lost = [k for k in modules if not any(k.startswith(m + ".") for m in mapped)]
+        raise ModelFileError(f"lora: {name}: ComfyUI maps {len(loaded)} of its {len(modules)} LoRA modules onto "
+                             f"this model (not e.g. {lost[:2]}); it is not a LoRA for this model's UNet")
+    patched = model.clone()
+    patched.add_patches(loaded, strength)
+    return patched
 
 
 def _clip_hidden(clip_vision, crops: list) -> torch.Tensor:
@@ -143,12 +165,14 @@ def _clip_zero(clip_vision) -> torch.Tensor:
 
 
 class ApplyFaceID:
-    DESCRIPTION = ("Public-weights mode: N identities in one SD1.5 generation with an IP-Adapter-FaceID file. "
-                   "In every cross-attention of the UNet (middle block included) each person's FaceID tokens act "
+    DESCRIPTION = ("Public-weights mode: N identities in one SD1.5 or SDXL generation with an IP-Adapter-FaceID "
+                   "file of the model's base. In every cross-attention of the UNet (SD1.5: 16, SDXL: 70, middle "
+                   "block included) each person's FaceID tokens act "
                    "only inside their face mask: out = text attention + Σ_n w_n·m_n·softmax(Q·K_nᵀ/√d)·V_n. The "
                    "FaceID LoRA is applied to the UNet through ComfyUI's LoRA loader (it stacks with other "
-                   "LoRAs). Pose: use the stock ControlNetApplyAdvanced with control_v11p_sd15_openpose and the "
-                   "skeleton-only pose image. " + LICENCE + " Identities should be encoded with the buffalo_l "
+                   "LoRAs). Pose: use the stock ControlNetApplyAdvanced with an OpenPose ControlNet (SD1.5: "
+                   "control_v11p_sd15_openpose; SDXL: OpenPoseXL2 or xinsir openpose) and the skeleton-only pose "
+                   "image. " + LICENCE + " Identities should be encoded with the buffalo_l "
                    "pack (the one FaceID was trained with).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -160,7 +184,7 @@ class ApplyFaceID:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "an SD1.5 model"}),
+            "model": ("MODEL", {"tooltip": "an SD1.5 or SDXL model (the FaceID file's base)"}),
             "faceid": (FACEID, {"tooltip": "from InstantFamily FaceID Loader"}),
             "identities": (IDENTITIES, {"tooltip": "from Encode Identity (buffalo_l pack); list order = slot order"}),
             "masks": ("MASK", {"tooltip": "one face mask per identity, from Pose to Masks"}),
@@ -181,8 +205,8 @@ class ApplyFaceID:
 
     def apply(self, model, faceid, identities, masks, weight, identity_weights, lora_strength, start_at, end_at,
               s_scale, clip_vision=None):
-        check_sd15(model)
-        check_sd15_topology(model)
+        check_base(model, ("SD15", "SDXL"), "InstantFamily FaceID")
+        topology = check_topology(model, faceid.weights)
         n, masks, weights = check_apply_inputs(identities, masks, weight, identity_weights, start_at, end_at)
         variant = faceid.weights.variant
         # a skipped identity (on_no_face = skip) keeps its slot but acts nowhere: empty mask, weight 0
@@ -232,12 +256,11 @@ class ApplyFaceID:
         sampling = model.get_model_object("model_sampling")
         sigma_range = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
         if faceid.lora and lora_strength != 0:
-            import comfy.sd
-            patched = comfy.sd.load_lora_for_models(model, None, faceid.lora, lora_strength, 0)[0]
+            patched = apply_lora(model, faceid.lora, lora_strength, faceid.lora_name)
         else:
             patched = model.clone()
         if not real:
             logger.warning("InstantFamily FaceID: every identity was skipped; only the LoRA is applied")
             return (patched,)
-        rule = FaceIDRule(faceid.weights, tokens, uncond, masks, weights, valid, sigma_range)
+        rule = FaceIDRule(faceid.weights, tokens, uncond, masks, weights, valid, sigma_range, topology)
         return (install_faceid(patched, rule, sigma_range),)

@@ -7,7 +7,8 @@ adds each callback's result inside its sigma range). Per call it adds, before th
     Σ_n w_n · m_n ⊙ softmax(Q · (W_k^p T_n)ᵀ / √d) · (W_v^p T_n)
 
 in one batched op (:func:`instantfamily_core.faceid.identity_term`), where ``p`` is the FaceID processor of this
-block (:func:`~instantfamily_core.faceid.slot_for_block`, the middle block included), ``T_n`` person n's tokens on
+transformer in the model's topology (:class:`~instantfamily_core.faceid.Topology`, read from the live model and
+checked against the file's: SD1.5's 16 or SDXL's 70 cross-attentions, the middle block included), ``T_n`` person n's tokens on
 cond rows and their unconditional tokens on uncond rows, ``m_n`` their mask resized to the block's
 ``activations_shape``. What it shares with the InstantFamily rule comes from :class:`.patch.IdentityState`: masks
 per row (area conditioning), cond/uncond row selection, the latent check and per-run caches.
@@ -20,24 +21,26 @@ from typing import Optional
 import torch
 
 from instantfamily_core.errors import BaseModelError
-from instantfamily_core.faceid import FaceIDWeights, identity_term, slot_for_block
+from instantfamily_core.faceid import FaceIDWeights, Topology, identity_term
 from instantfamily_core.masks import resize_masks
 
-from .patch import IdentityState, attn2_modules, install_hooks
+from .patch import IdentityState, install_hooks, live_topology
 
 
 class FaceIDRule(IdentityState):
     """N people's FaceID tokens, masks and weights for one apply.
 
-    ``tokens``/``uncond_tokens``: ``(N, T, 768)``; ``masks``: ``(N, H, W)``; ``weights``: N values ≥ 0;
-    ``key_valid``: ``(N, T)`` bool when people have different token counts (Portrait), else ``None``.
+    ``tokens``/``uncond_tokens``: ``(N, T, d)``; ``masks``: ``(N, H, W)``; ``weights``: N values ≥ 0;
+    ``key_valid``: ``(N, T)`` bool when people have different token counts (Portrait), else ``None``;
+    ``topology``: the patched model's (default: the file's).
     """
 
     def __init__(self, weights_file: FaceIDWeights, tokens: torch.Tensor, uncond_tokens: torch.Tensor,
                  masks: torch.Tensor, weights, key_valid: Optional[torch.Tensor] = None,
-                 sigma_range: Optional[tuple[float, float]] = None):
+                 sigma_range: Optional[tuple[float, float]] = None, topology: Optional[Topology] = None):
         super().__init__(tokens, uncond_tokens, masks, sigma_range)
         self.file = weights_file
+        self.topology = topology or weights_file.topology
         self.weights = torch.as_tensor(list(weights), dtype=torch.float32)
         self.key_valid = key_valid
 
@@ -54,7 +57,7 @@ class FaceIDRule(IdentityState):
         super().prepare(call)
         like = torch.empty(0, device=call.device, dtype=call.dtype)
         for key in {key for hook in call.hooks if self in hook.rules() for key in hook.modules}:
-            slot = slot_for_block(key)
+            slot = self.topology.slot(key)
             if slot is not None:
                 self.cache.get(call.run, ("faceid-kv", slot.attn2, call.device, call.dtype),
                                lambda: self._kv(slot.attn2, like))
@@ -75,9 +78,10 @@ class FaceIDRule(IdentityState):
 
     def __call__(self, out, q, k, v, extra_options, **kwargs):
         block = extra_options["block"]
-        slot = slot_for_block((block[0], block[1], extra_options.get("block_index", 0)))
+        slot = self.topology.slot((block[0], block[1], extra_options.get("block_index", 0)))
         if slot is None:
-            raise BaseModelError(f"FaceID: block {tuple(block)} is not one of SD1.5's 16 cross-attentions")
+            raise BaseModelError(f"FaceID: block {tuple(block)}/{extra_options.get('block_index', 0)} is not one "
+                                 f"of {self.topology.describe()}")
         run, rows = extra_options.get("sample_sigmas"), q.shape[0]
         kc, vc, ku, vu = self.cache.get(run, ("faceid-kv", slot.attn2, q.device, q.dtype),
                                         lambda: self._kv(slot.attn2, q))
@@ -89,22 +93,23 @@ class FaceIDRule(IdentityState):
         return identity_term(q, k_ids, v_ids, extra_options["n_heads"], region, self.key_valid)
 
 
-def check_sd15_topology(model) -> None:
-    """The UNet must have SD1.5's 16 cross-attentions at SD1.5's widths (the FaceID weights are per block)."""
-    modules = attn2_modules(model.model.diffusion_model)
-    problems = []
-    for key, attn in modules.items():
-        slot = slot_for_block(key)
-        width = int(attn.to_q.weight.shape[0])
-        if slot is None:
-            problems.append(f"{key} is not an SD1.5 block")
-        elif width != slot.hidden:
-            problems.append(f"{key} is {width} wide (SD1.5: {slot.hidden})")
-    if len(modules) != 16 and not problems:
-        problems.append(f"{len(modules)} cross-attentions (SD1.5: 16)")
+def check_topology(model, weights: FaceIDWeights) -> Topology:
+    """The model's topology, read from its live modules; it must be the one the file's weights address (same
+    text width, cross-attentions and widths), else a :class:`BaseModelError` naming both."""
+    try:
+        live = live_topology(model)
+    except ValueError as e:
+        raise BaseModelError(f"model: {e}; the FaceID weights need {weights.topology.describe()}") from None
+    problems = weights.topology.differences(live)
     if problems:
-        raise BaseModelError("model: the FaceID weights need a full SD1.5 UNet (16 cross-attention blocks at "
-                             f"320/640/1280); {'; '.join(problems[:3])}")
+        from instantfamily_core.faceid import PUBLISHED
+        if PUBLISHED.get(live.context_dim) is live:
+            fix = f"use a {live.name} FaceID file with this model, or a {weights.base} model with this file"
+        else:
+            fix = f"the weights address every cross-attention of a full {weights.base} UNet"
+        raise BaseModelError(f"model: {weights.name} is a FaceID file for {weights.topology.describe()}, but the "
+                             f"model is {live.describe()} ({'; '.join(problems[:2])}); {fix}")
+    return live
 
 
 def install_faceid(model, rule: FaceIDRule, sigma_range: tuple[float, float]):

@@ -83,13 +83,25 @@ class InstantFamilyLoader:
         return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS_FOLDER, checkpoint)),)
 
 
-def check_sd15(model) -> None:
+BASES = {"SD15": ("Stable Diffusion 1.5", "SD1.5"), "SDXL": ("SDXL", "SDXL")}
+"""ComfyUI model-config classes (``comfy.supported_models``) a node can accept: (long name, short name)."""
+
+
+def check_base(model, bases=("SD15",), who: str = "InstantFamily") -> str:
+    """The base of ``model`` among ``bases`` (a config class or a subclass of it), else a BaseModelError that
+    names what was given and what is needed."""
     import comfy.supported_models
     config = getattr(getattr(model, "model", None), "model_config", None)
-    if not isinstance(config, comfy.supported_models.SD15):
-        raise BaseModelError(f"model: InstantFamily needs a Stable Diffusion 1.5 model, got "
-                             f"{type(config).__name__ if config is not None else type(model).__name__}; load an "
-                             "SD1.5 checkpoint")
+    for base in bases:
+        if config is not None and isinstance(config, getattr(comfy.supported_models, base)):
+            return base
+    got = type(config).__name__ if config is not None else type(model).__name__
+    raise BaseModelError(f"model: {who} needs a {' or '.join(BASES[b][0] for b in bases)} model, got {got}; load "
+                         f"{'an' if bases[0] == 'SD15' else 'a'} {' or '.join(BASES[b][1] for b in bases)} checkpoint")
+
+
+def check_sd15(model) -> None:
+    check_base(model, ("SD15",))
 
 
 def attach_controlnet(conditioning, controlnet: InstantFamilyControlNet, hint, strength, percent_range, cache):

@@ -325,6 +325,30 @@ def attn2_modules(diffusion_model) -> dict:
     return found
 
 
+def live_topology(model, name: str = ""):
+    """The core :class:`~instantfamily_core.faceid.Topology` of a ModelPatcher's (or a UNet's) cross-attentions,
+    read from the live modules: each block's transformer count, width, heads, and the text width. Named after the
+    published topology it equals (SD1.5, SDXL), else ``name`` or the model config's class."""
+    from instantfamily_core.faceid import PUBLISHED, Topology
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", model)
+    modules = attn2_modules(diffusion_model)
+    if not modules:
+        raise ValueError("the model has no cross-attention blocks")
+    sites = {key: (int(a.to_q.weight.shape[0]), int(a.heads)) for key, a in modules.items()}
+    context = {int(a.to_k.weight.shape[1]) for a in modules.values()}
+    res = getattr(diffusion_model, "num_res_blocks", None)
+    res = int(res[0]) if isinstance(res, (list, tuple)) else int(res or 2)
+    if len(context) != 1:
+        raise ValueError(f"cross-attentions read text of several widths {sorted(context)}")
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    topo = Topology.from_sites(name or (type(config).__name__ if config is not None else "UNet"), sites,
+                               context.pop(), res)
+    known = PUBLISHED.get(topo.context_dim)
+    if known is not None and (known.blocks, known.res_blocks) == (topo.blocks, topo.res_blocks):
+        topo = known
+    return topo
+
+
 def sigma_of(extra_options: dict) -> Optional[float]:
     sigmas = extra_options.get("sigmas")
     return None if sigmas is None else float(sigmas.detach().flatten()[0])

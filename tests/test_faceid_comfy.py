@@ -45,7 +45,7 @@ def faceid(host, tmp_path_factory):
 
 def test_processor_index_maps_to_the_live_sd15_blocks_and_widths(host, sd15):
     import comfy.utils
-    from instantfamily_core.faceid import SD15_TRANSFORMERS, slot_for_block
+    from instantfamily_core.faceid import SD15
     _, _, m = host
     live = m["patch"].attn2_modules(sd15.model.diffusion_model)
     assert len(live) == 16 and ("middle", 0, 0) in live
@@ -55,12 +55,14 @@ def test_processor_index_maps_to_the_live_sd15_blocks_and_widths(host, sd15):
         ldm = to_ldm[f"{path}.transformer_blocks.0.attn2.to_k.weight"]  # e.g. input_blocks.4.1.transformer_…
         parts = ldm.split(".")
         block = ("middle", 0) if parts[0] == "middle_block" else (parts[0].split("_")[0], int(parts[1]))
-        slot = slot_for_block(block + (0,))
-        assert slot is not None and slot.attn2 == 2 * b + 1 and slot.diffusers == path, (path, block)
+        slot = SD15.slot(block + (0,))
+        assert slot is not None and slot.attn2 == 2 * b + 1 and slot.diffusers == path + ".transformer_blocks.0", \
+            (path, block)
         attn = live[block + (0,)]
         assert attn.to_k.weight.shape[0] == kip[f"{2 * b + 1}.to_k_ip.weight"].shape[0] == slot.hidden
         assert attn.to_k.weight.shape[1] == 768
-    assert {s.block + (0,) for s in SD15_TRANSFORMERS} == set(live)
+    assert {s.block for s in SD15.slots} == set(live)
+    assert m["patch"].live_topology(sd15) is SD15  # the topology read from the live model is the published one
 
 
 def test_embedded_lora_through_comfy_is_w_plus_up_down_at_strength_one(host, sd15, faceid):
@@ -114,7 +116,7 @@ def call(hook, q, k, v, block, hw, cond_or_uncond=(0,), heads=8):
 
 
 def test_apply_patches_all_16_blocks_incl_middle_and_matches_reference(host, sd15, faceid):
-    from instantfamily_core.faceid import slot_for_block
+    from instantfamily_core.faceid import SD15
     ids = _ids(2)
     model = apply(host, sd15, faceid, ids, halves(2), identity_weights="1.0, 0.5")
     replace = model.model_options["transformer_options"]["patches_replace"]["attn2"]
@@ -124,11 +126,11 @@ def test_apply_patches_all_16_blocks_incl_middle_and_matches_reference(host, sd1
     assert all(rule in h.callback for h in replace.values())
     g = torch.Generator().manual_seed(0)
     for block, hw in ((("middle", 0), (8, 8)), (("input", 1), (8, 8)), (("output", 7), (4, 4))):
-        c = slot_for_block(block + (0,)).hidden
+        c = SD15.slot(block).hidden
         q = torch.randn(2, hw[0] * hw[1], c, generator=g)
         k, v = torch.randn(2, 77, c, generator=g), torch.randn(2, 77, c, generator=g)
         got = call(replace[block], q, k, v, block, hw, cond_or_uncond=(1, 0)).double()  # row 0 uncond, row 1 cond
-        p = slot_for_block(block + (0,)).attn2
+        p = SD15.slot(block).attn2
         wk, wv = (w.float() for w in faceid.weights.kv_weights(p))
         text = ref_attention(q, k, v, 8)
         for row, toks in ((0, rule.null_tokens), (1, rule.tokens)):
@@ -177,7 +179,9 @@ def test_outside_start_end_is_plain_attention_and_lora_strength_zero_adds_no_pat
 def test_bad_inputs_are_typed_errors(host, sd15, faceid, tmp_path):
     from instantfamily_core.errors import BaseModelError, EmbeddingError, IdentityCountError, MaskError
     from support.comfy_models import tiny_sd15
-    with pytest.raises(BaseModelError, match="full SD1.5 UNet"):
+    with pytest.raises(BaseModelError, match=r"ip-adapter-faceid_sd15.bin is a FaceID file for SD1.5 \(16 "
+                                             r"cross-attentions at 320/640/1280, 768-d text\), but the model is SD15 "
+                                             r"\(7 cross-attentions at 32/64, .*full SD1.5 UNet"):
         apply(host, tiny_sd15(), faceid, _ids(1), halves(1))
     with pytest.raises(MaskError):
         apply(host, sd15, faceid, _ids(2), halves(1))

@@ -64,10 +64,38 @@ def test_pickles_are_loaded_with_weights_only(tmp_path):
         load_faceid(str(path))
 
 
-def test_sdxl_and_non_faceid_adapters_are_refused(tmp_path):
-    ff.write_bin(tmp_path / "sdxl.bin", ff.faceid_parts("sdxl"))
-    with pytest.raises(FaceIDFileError, match="2048-d text .*SD1.5 FaceID"):
-        load_faceid(str(tmp_path / "sdxl.bin"))
+@pytest.mark.parametrize("variant, name, want, tokens, lora", [
+    ("sdxl", "ip-adapter-faceid_sdxl.bin", "faceid", 4, True),
+    ("sdxl-plusv2", "ip-adapter-faceid-plusv2_sdxl.bin", "plusv2", 4, True),
+    ("sdxl-portrait", "ip-adapter-faceid-portrait_sdxl.bin", "portrait", 16, False)])
+def test_sdxl_published_layouts_load_with_the_sdxl_topology(tmp_path, variant, name, want, tokens, lora):
+    from instantfamily_core.faceid import SDXL
+    ff.write_bin(tmp_path / name, ff.faceid_parts(variant))
+    w = load_faceid(str(tmp_path / name))
+    assert (w.variant, w.tokens_per_image, w.has_lora, w.base, w.context_dim) == (want, tokens, lora, "SDXL", 2048)
+    assert w.topology is SDXL and len(w.ip_adapter) == (1260 if lora else 140)
+    assert len(w.lora_state_dict()) == (1120 if lora else 0)
+    model = FaceIDProjection.from_weights(w)
+    if want != "plusv2":
+        assert model(torch.randn(1, 512)).shape == (1, tokens, 2048)
+
+
+def test_sdxl_file_with_sd15_widths_names_the_sdxl_layout(tmp_path):
+    image_proj, ip = ff.faceid_parts("sdxl-nolora")
+    ip["121.to_k_ip.weight"] = ip["1.to_k_ip.weight"]  # 640 where the middle block's 1280 belongs
+    ff.write_bin(tmp_path / "x_sdxl.bin", (image_proj, ip))
+    with pytest.raises(FaceIDFileError, match=r"SDXL FaceID layout: wrong shapes: \['121.to_k_ip.weight \(640, "
+                                              r"2048\) \(expected \(1280, 2048\)"):
+        load_faceid(str(tmp_path / "x_sdxl.bin"))
+    image_proj, ip = ff.faceid_parts("faceid")
+    ip = {k: v for k, v in ip.items() if k.startswith("1.")}
+    ip["1.to_k_ip.weight"] = torch.zeros(320, 1024, dtype=torch.float16)
+    ff.write_bin(tmp_path / "sd2.bin", (image_proj, ip))
+    with pytest.raises(FaceIDFileError, match=r"reads 1024-d text; .*SD1.5 \(768\) or SDXL \(2048\)"):
+        load_faceid(str(tmp_path / "sd2.bin"))
+
+
+def test_non_faceid_adapters_are_refused(tmp_path):
     plain = ({"proj.weight": torch.zeros(3072, 1024), "proj.bias": torch.zeros(3072),
               "norm.weight": torch.ones(768), "norm.bias": torch.zeros(768)}, ff.ip_adapter(False))
     ff.write_bin(tmp_path / "ip-adapter_sd15.bin", plain)

@@ -1,4 +1,4 @@
-"""Reading IP-Adapter-FaceID files (SD1.5) and telling their variants apart.
+"""Reading IP-Adapter-FaceID files (SD1.5 and SDXL) and telling their variants apart.
 
 Containers (as tencent-ailab/IP-Adapter writes and reads them):
 
@@ -9,19 +9,21 @@ Containers (as tencent-ailab/IP-Adapter writes and reads them):
 Variants, from keys and shapes (the reference loads both parts strictly, so the key sets are exact):
 
 =============  ==========================================  ==================  =============================
-variant        ``image_proj``                              tokens per image    ``ip_adapter``
+variant        ``image_proj`` (``d`` = 768 SD1.5, 2048 SDXL)  tokens per image    ``ip_adapter``
 =============  ==========================================  ==================  =============================
-``faceid``     MLP ``proj.0`` 512→1024, ``proj.2`` →4×768   4                   32 ``to_k_ip``/``to_v_ip`` + LoRA
+``faceid``     MLP ``proj.0`` 512→1024, ``proj.2`` →4×d     4                   ``to_k_ip``/``to_v_ip`` + LoRA
 ``plus``       same + ``perceiver_resampler.*`` (50 keys)   4                   same
 ``plusv2``     identical keys to ``plus``                   4                   same
-``portrait``   MLP with ``proj.2`` → 16×768                 16 (×≤5 photos)     32 ``to_k_ip``/``to_v_ip`` only
+``portrait``   MLP with ``proj.2`` → 16×d                   16 (×≤5 photos)     ``to_k_ip``/``to_v_ip`` only
 =============  ==========================================  ==================  =============================
 
-Plus v1 and v2 have identical layouts: v2 (``out = x + s_scale·perceiver``) is told by ``plusv2`` in the file
-name, or by an explicit override. The embedded LoRA (rank 128, 8 keys per processor, 256 in all) may be absent
-(then the companion ``*_lora.safetensors`` is needed); a partial LoRA is an error. SDXL FaceID files
-(``to_k_ip`` reading 2048-d text) and IP-Adapters that are not FaceID (CLIP-only ``proj.weight``/``latents``/
-full-face projections) are refused with a message naming what the file looks like.
+The base is told by the text width ``to_k_ip`` reads (768: SD1.5, 32 processors; 2048: SDXL, 140 processors,
+:data:`.layout.PUBLISHED`); every key and shape is then checked against that base's topology (or one given, for
+reduced test topologies). Plus v1 and v2 have identical layouts: v2 (``out = x + s_scale·perceiver``) is told by
+``plusv2`` in the file name, or by an explicit override. The embedded LoRA (rank 128, 8 keys per processor: 256
+on SD1.5, 1120 on SDXL) may be absent (then the companion ``*_lora.safetensors`` is needed); a partial LoRA is an
+error. IP-Adapters that are not FaceID (CLIP-only ``proj.weight``/``latents``/full-face projections) are refused
+with a message naming what the file looks like.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FaceIDFileError
-from .layout import (ATTN2_INDICES, CROSS_ATTENTION_DIM, LORA_RANK, LORA_TARGETS, NUM_PROCESSORS,
-                     SD15_TRANSFORMERS, lora_to_comfy, processor_width)
+from .layout import LORA_RANK, LORA_TARGETS, PUBLISHED, Topology, lora_to_comfy
 
 VARIANTS = ("faceid", "plus", "plusv2", "portrait")
 PLUS_VERSIONS = ("auto (file name)", "v1", "v2")
@@ -55,6 +56,16 @@ class FaceIDWeights:
     image_proj: dict
     ip_adapter: dict = field(repr=False)
     name: str = ""
+    topology: Topology = field(default=None, repr=False)
+
+    @property
+    def context_dim(self) -> int:
+        return self.topology.context_dim
+
+    @property
+    def base(self) -> str:
+        """What the file is for, e.g. ``"SD1.5"``, ``"SDXL"``."""
+        return self.topology.name
 
     @property
     def has_lora(self) -> bool:
@@ -69,17 +80,16 @@ class FaceIDWeights:
         return self.variant == "plusv2"
 
     def lora_state_dict(self) -> dict:
-        """The embedded LoRA under keys ComfyUI's LoRA loader maps onto an SD1.5 UNet (empty without one)."""
-        return lora_to_comfy(self.ip_adapter)
+        """The embedded LoRA under keys ComfyUI's LoRA loader maps onto the UNet (empty without one)."""
+        return lora_to_comfy(self.ip_adapter, self.topology)
 
     def kv_weights(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``to_k_ip`` / ``to_v_ip`` weights ``(hidden, 768)`` of attn2 processor ``p``."""
+        """``to_k_ip`` / ``to_v_ip`` weights ``(hidden, context)`` of attn2 processor ``p``."""
         return self.ip_adapter[f"{p}.to_k_ip.weight"], self.ip_adapter[f"{p}.to_v_ip.weight"]
 
 
-def expected_image_proj(variant: str, tokens: int) -> dict:
-    """``{key: shape}`` of the projection model of a variant (the reference's module state dict)."""
-    d = CROSS_ATTENTION_DIM
+def expected_image_proj(variant: str, tokens: int, d: int) -> dict:
+    """``{key: shape}`` of the projection model of a variant for ``d``-wide tokens (the reference's state dict)."""
     keys = {"proj.0.weight": (2 * ID_DIM, ID_DIM), "proj.0.bias": (2 * ID_DIM,),
             "proj.2.weight": (d * tokens, 2 * ID_DIM), "proj.2.bias": (d * tokens,),
             "norm.weight": (d,), "norm.bias": (d,)}
@@ -97,16 +107,16 @@ def expected_image_proj(variant: str, tokens: int) -> dict:
     return keys
 
 
-def expected_ip_adapter(lora: bool) -> dict:
+def expected_ip_adapter(lora: bool, topology: Topology) -> dict:
     """``{key: shape}`` of the ``ip_adapter`` part: ``to_k_ip``/``to_v_ip`` of every attn2, optionally the LoRA."""
     keys = {}
-    for p in ATTN2_INDICES:
-        hidden = processor_width(p)[1]
-        keys[f"{p}.to_k_ip.weight"] = (hidden, CROSS_ATTENTION_DIM)
-        keys[f"{p}.to_v_ip.weight"] = (hidden, CROSS_ATTENTION_DIM)
+    for p in topology.attn2_indices:
+        hidden = topology.processor_width(p)[1]
+        keys[f"{p}.to_k_ip.weight"] = (hidden, topology.context_dim)
+        keys[f"{p}.to_v_ip.weight"] = (hidden, topology.context_dim)
     if lora:
-        for p in range(NUM_PROCESSORS):
-            kv_in, hidden = processor_width(p)
+        for p in range(topology.num_processors):
+            kv_in, hidden = topology.processor_width(p)
             for t in LORA_TARGETS:
                 fan_in = kv_in if t in ("to_k", "to_v") else hidden
                 keys[f"{p}.{t}_lora.down.weight"] = (LORA_RANK, fan_in)
@@ -156,7 +166,7 @@ def _refuse_flat(name: str, flat: dict):
     if any(k.startswith(("lora_unet_", "unet.", "lora_te")) for k in keys):
         raise FaceIDFileError(f"{name}: this is a LoRA, not an IP-Adapter-FaceID file; choose it as the loader's "
                               "'lora' (or load it with a LoRA loader) and pick the matching "
-                              "ip-adapter-faceid*_sd15.bin as the adapter")
+                              "ip-adapter-faceid*_sd15.bin / *_sdxl.bin as the adapter")
     raise FaceIDFileError(f"{name}: no 'image_proj.'/'ip_adapter.' keys (found e.g. {keys[:3]}); not an "
                           "IP-Adapter file")
 
@@ -169,14 +179,24 @@ def _plus_from_name(name: str, plus_version: str) -> str:
     return "plusv2" if "plusv2" in name.lower() else "plus"
 
 
-def detect_variant(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
-                   plus_version: str = PLUS_VERSIONS[0]) -> tuple[str, int]:
-    """``(variant, tokens_per_image)``; refuses SDXL FaceID and non-FaceID IP-Adapters."""
+def base_topology(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter") -> Topology:
+    """The published base a file is for, from the text width its ``to_k_ip`` (or projection) reads."""
     kip = ip_adapter.get("1.to_k_ip.weight")
-    if kip is not None and kip.ndim == 2 and kip.shape[1] != CROSS_ATTENTION_DIM:
-        raise FaceIDFileError(
-            f"{name}: its adapter reads {kip.shape[1]}-d text (SDXL has 2048); this mode needs the SD1.5 FaceID "
-            "files (ip-adapter-faceid_sd15.bin, -plusv2_sd15.bin, -portrait-v11_sd15.bin)")
+    norm = image_proj.get("norm.weight")
+    width = int(kip.shape[1]) if kip is not None and kip.ndim == 2 else (
+        int(norm.shape[0]) if norm is not None and norm.ndim == 1 else None)
+    if width is None:
+        raise FaceIDFileError(f"{name}: no ip_adapter 1.to_k_ip.weight and no image_proj norm.weight; not an "
+                              "IP-Adapter-FaceID file")
+    if width not in PUBLISHED:
+        raise FaceIDFileError(f"{name}: its adapter reads {width}-d text; the published FaceID files are for "
+                              f"{' or '.join(f'{t.name} ({d})' for d, t in PUBLISHED.items())}")
+    return PUBLISHED[width]
+
+
+def detect_variant(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
+                   plus_version: str = PLUS_VERSIONS[0], d: int = 768) -> tuple[str, int]:
+    """``(variant, tokens_per_image)`` for ``d``-wide tokens; refuses non-FaceID IP-Adapters."""
     w0, w2 = image_proj.get("proj.0.weight"), image_proj.get("proj.2.weight")
     if w0 is None or w2 is None or "norm.weight" not in image_proj or w0.ndim != 2 or w0.shape[1] != ID_DIM:
         if "latents" in image_proj:
@@ -190,12 +210,12 @@ def detect_variant(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
         else:
             kind = f"image_proj keys {sorted(image_proj)[:4]}"
         raise FaceIDFileError(f"{name}: not an IP-Adapter-FaceID file ({kind}); FaceID projects a 512-d "
-                              "insightface embedding. Use ip-adapter-faceid*_sd15.bin here, and an IP-Adapter "
-                              "pack for CLIP-image adapters")
-    if w2.ndim != 2 or w2.shape[0] % CROSS_ATTENTION_DIM:
+                              "insightface embedding. Use ip-adapter-faceid*_sd15.bin / *_sdxl.bin here, and an "
+                              "IP-Adapter pack for CLIP-image adapters")
+    if w2.ndim != 2 or w2.shape[0] % d:
         raise FaceIDFileError(f"{name}: image_proj.proj.2.weight has shape {tuple(w2.shape)}; expected "
-                              f"(768·tokens, 1024)")
-    tokens = int(w2.shape[0]) // CROSS_ATTENTION_DIM
+                              f"({d}·tokens, 1024)")
+    tokens = int(w2.shape[0]) // d
     plus = any(k.startswith("perceiver_resampler.") for k in image_proj)
     if plus:
         return _plus_from_name(name, plus_version), tokens
@@ -205,7 +225,7 @@ def detect_variant(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
     return "faceid", tokens
 
 
-def _check_keys(part: str, got: dict, want: dict, name: str) -> None:
+def _check_keys(part: str, got: dict, want: dict, name: str, base: str) -> None:
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     bad = [f"{k} {tuple(got[k].shape)} (expected {want[k]})" for k in want
@@ -218,34 +238,37 @@ def _check_keys(part: str, got: dict, want: dict, name: str) -> None:
             parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
         if bad:
             parts.append(f"wrong shapes: {bad[:3]}")
-        raise FaceIDFileError(f"{name}: {part} does not match the SD1.5 FaceID layout: {'; '.join(parts)}")
+        raise FaceIDFileError(f"{name}: {part} does not match the {base} FaceID layout: {'; '.join(parts)}")
 
 
-def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
-             plus_version: str = PLUS_VERSIONS[0]) -> FaceIDWeights:
-    """Detect the variant and check every key and shape (strict, as the reference loads them)."""
-    variant, tokens = detect_variant(image_proj, ip_adapter, name, plus_version)
-    _check_keys("image_proj", image_proj, expected_image_proj(variant, tokens), name)
+def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter", plus_version: str = PLUS_VERSIONS[0],
+             topology: Topology | None = None) -> FaceIDWeights:
+    """Detect the base and variant and check every key and shape (strict, as the reference loads them) against
+    the base's published topology, or ``topology`` when given (reduced test models)."""
+    topology = topology or base_topology(image_proj, ip_adapter, name)
+    variant, tokens = detect_variant(image_proj, ip_adapter, name, plus_version, topology.context_dim)
+    base = topology.name
+    _check_keys("image_proj", image_proj, expected_image_proj(variant, tokens, topology.context_dim), name, base)
     lora_keys = [k for k in ip_adapter if "_lora." in k]
     if variant == "portrait" and lora_keys:
         raise FaceIDFileError(f"{name}: a 16-token (Portrait) projection with LoRA keys is not a published layout")
-    _check_keys("ip_adapter", ip_adapter, expected_ip_adapter(bool(lora_keys)), name)
+    _check_keys("ip_adapter", ip_adapter, expected_ip_adapter(bool(lora_keys), topology), name, base)
     for k, v in list(image_proj.items()) + list(ip_adapter.items()):
         if not v.is_floating_point():
             raise FaceIDFileError(f"{name}: tensor {k} is {v.dtype}, expected floating point weights")
     for k, v in image_proj.items():  # small; NaN weights anywhere show up in the tokens or the output
         if not torch.isfinite(v).all():
             raise FaceIDFileError(f"{name}: tensor image_proj.{k} contains NaN or infinite values")
-    return FaceIDWeights(variant, tokens, image_proj, ip_adapter, name)
+    return FaceIDWeights(variant, tokens, image_proj, ip_adapter, name, topology)
 
 
-def load_faceid(path: str, plus_version: str = PLUS_VERSIONS[0]) -> FaceIDWeights:
-    """Read and validate an SD1.5 IP-Adapter-FaceID file."""
+def load_faceid(path: str, plus_version: str = PLUS_VERSIONS[0], topology: Topology | None = None) -> FaceIDWeights:
+    """Read and validate an IP-Adapter-FaceID file (SD1.5 or SDXL)."""
     name = os.path.basename(path)
     image_proj, ip = read_container(path)
-    return validate(image_proj, ip, name, plus_version)
+    return validate(image_proj, ip, name, plus_version, topology)
 
 
 __all__ = ["FaceIDFileError", "FaceIDWeights", "load_faceid", "validate", "detect_variant", "read_container",
            "expected_image_proj", "expected_ip_adapter", "VARIANTS", "PLUS_VERSIONS", "MAX_PORTRAIT_IMAGES",
-           "SD15_TRANSFORMERS", "CLIP_TOKENS", "CLIP_DIM", "ID_DIM"]
+           "base_topology", "CLIP_TOKENS", "CLIP_DIM", "ID_DIM"]

@@ -3,7 +3,8 @@
 Math from tencent-ailab/IP-Adapter (Apache-2.0: ``ip_adapter_faceid.py`` MLPProjModel / ProjPlusModel,
 ``resampler.py`` FacePerceiverResampler), written anew here:
 
-* FaceID / Portrait: ``LN(W2·GELU(W0·e + b0) + b2)`` reshaped to (tokens, 768); Portrait has 16 tokens per
+* FaceID / Portrait: ``LN(W2·GELU(W0·e + b0) + b2)`` reshaped to (tokens, d) (d = 768 SD1.5, 2048 SDXL); Portrait
+  has 16 tokens per
   reference photo and the photos' tokens are concatenated (at most 5 photos);
 * Plus: ``x`` = the FaceID tokens (4), then a perceiver resampler reads ``x`` as latents over the CLIP ViT-H
   penultimate hidden states (257×1280) of the aligned 224-px face crop; Plus v2 returns ``x + s·perceiver``
@@ -21,7 +22,6 @@ from torch import nn
 
 from ..errors import EmbeddingError
 from .files import CLIP_DIM, CLIP_TOKENS, ID_DIM, MAX_PORTRAIT_IMAGES, PERCEIVER_DEPTH, FaceIDWeights
-from .layout import CROSS_ATTENTION_DIM
 
 
 class _PerceiverAttention(nn.Module):
@@ -56,9 +56,10 @@ class _FeedForward(nn.Sequential):
 
 
 class PerceiverResampler(nn.Module):
-    """``FacePerceiverResampler``: dim 768, depth 4, 12 heads of 64, reads 1280-d CLIP features."""
+    """``FacePerceiverResampler``: dim d (768 SD1.5 / 2048 SDXL), depth 4, d/64 heads of 64, reads 1280-d CLIP
+    ViT-H features."""
 
-    def __init__(self, dim: int = CROSS_ATTENTION_DIM, depth: int = PERCEIVER_DEPTH, embedding_dim: int = CLIP_DIM):
+    def __init__(self, dim: int, depth: int = PERCEIVER_DEPTH, embedding_dim: int = CLIP_DIM):
         super().__init__()
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, dim)
@@ -77,24 +78,24 @@ class PerceiverResampler(nn.Module):
 class FaceIDProjection(nn.Module):
     """The projection model of one FaceID file (``image_proj`` loaded strictly)."""
 
-    def __init__(self, tokens: int, plus: bool = False, shortcut: bool = False):
+    def __init__(self, tokens: int, plus: bool = False, shortcut: bool = False, dim: int = 768):
         super().__init__()
-        d = CROSS_ATTENTION_DIM
+        d = self.dim = int(dim)
         self.tokens, self.plus, self.shortcut = int(tokens), bool(plus), bool(shortcut)
         self.proj = nn.Sequential(nn.Linear(ID_DIM, 2 * ID_DIM), nn.GELU(), nn.Linear(2 * ID_DIM, d * self.tokens))
         self.norm = nn.LayerNorm(d)
         if plus:
-            self.perceiver_resampler = PerceiverResampler()
+            self.perceiver_resampler = PerceiverResampler(d)
 
     @classmethod
     def from_weights(cls, weights: FaceIDWeights) -> "FaceIDProjection":
-        model = cls(weights.tokens_per_image, weights.is_plus, weights.shortcut)
+        model = cls(weights.tokens_per_image, weights.is_plus, weights.shortcut, weights.context_dim)
         model.load_state_dict({k: v.float() for k, v in weights.image_proj.items()}, strict=True)
         return model.eval().requires_grad_(False)
 
     def id_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
-        """``(B, 512)`` → ``(B, tokens, 768)``: ``LN(MLP(e))``."""
-        x = self.proj(embeds).reshape(embeds.shape[0], self.tokens, CROSS_ATTENTION_DIM)
+        """``(B, 512)`` → ``(B, tokens, d)``: ``LN(MLP(e))``."""
+        x = self.proj(embeds).reshape(embeds.shape[0], self.tokens, self.dim)
         return self.norm(x)
 
     def forward(self, embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
@@ -126,7 +127,7 @@ def _check_embeddings(name: str, e: torch.Tensor) -> torch.Tensor:
 
 def person_tokens(model: FaceIDProjection, variant: str, name: str, embeddings: torch.Tensor,
                   clip_hidden: torch.Tensor | None = None, s_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens, uncond_tokens)`` of one person, each ``(T, 768)``.
+    """``(tokens, uncond_tokens)`` of one person, each ``(T, d)``.
 
     ``embeddings``: ``(512,)`` (FaceID, Plus: one normed embedding) or ``(k, 512)`` (Portrait: one per photo,
     ``k ≤ 5``; FaceID/Plus average them). ``clip_hidden``: ``(257, 1280)`` of the face crop and ``(257, 1280)``
@@ -138,8 +139,8 @@ def person_tokens(model: FaceIDProjection, variant: str, name: str, embeddings: 
             if e.shape[0] > MAX_PORTRAIT_IMAGES:
                 raise EmbeddingError(f"{name}: {e.shape[0]} reference photos, but FaceID-Portrait takes at most "
                                      f"{MAX_PORTRAIT_IMAGES}; give fewer photos")
-            cond = model(e).reshape(-1, CROSS_ATTENTION_DIM)
-            uncond = model(torch.zeros_like(e)).reshape(-1, CROSS_ATTENTION_DIM)
+            cond = model(e).reshape(-1, model.dim)
+            uncond = model(torch.zeros_like(e)).reshape(-1, model.dim)
             return cond, uncond
         if e.shape[0] > 1:
             e = e.mean(0, keepdim=True)

@@ -19,40 +19,64 @@ from .sd15_layouts import FULL_UNET
 # hidden width of diffusers' attention processor p (attn1 = 2b, attn2 = 2b+1) for transformer block b in
 # processor order: down 0.0, 0.1, 1.0, 1.1, 2.0, 2.1, up 1.0-1.2, up 2.0-2.2, up 3.0-3.2, mid
 BLOCK_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
+# SDXL (sdxl-weights note §4): down 1.0, 1.1 (2 transformer blocks each, 640), down 2.0, 2.1 (10 each, 1280),
+# up 0.0-0.2 (10 each, 1280), up 1.0-1.2 (2 each, 640), mid (10, 1280) → 70 blocks, 140 processors
+SDXL_BLOCK_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
 RANK = 128
+
+
+def diffusers_block_widths(unet_config: dict, state_shapes: dict) -> list[int]:
+    """Per transformer block in diffusers' processor order, its width — from ComfyUI's own diffusers → ldm key map
+    (``comfy.utils.unet_to_diffusers``) and the ldm weight shapes of a live model (``{ldm key: shape}``), for
+    reduced test topologies. Order: down_blocks, up_blocks, mid_block (as ``UNet2DConditionModel`` registers
+    them), each by level, attention and transformer index."""
+    import comfy.utils
+    to_ldm = comfy.utils.unet_to_diffusers(unet_config)
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+    def order(path):
+        parts = path.split(".")
+        return (group[parts[0]],) + tuple(int(x) for x in parts[1:] if x.isdigit())
+    paths = sorted({k[:-len(".attn2.to_q.weight")] for k in to_ldm if k.endswith(".attn2.to_q.weight")}, key=order)
+    return [int(state_shapes[to_ldm[f"{p}.attn2.to_q.weight"]][0]) for p in paths]
 
 
 def _rand(shape, g, std=0.02):
     return (torch.randn(shape, generator=g) * std).to(torch.float16)
 
 
-def image_proj(tokens: int = 4, plus: bool = False, seed: int = 0) -> dict:
+def image_proj(tokens: int = 4, plus: bool = False, seed: int = 0, d: int = 768) -> dict:
+    """MLPProjModel (``d`` = 768 SD1.5, 2048 SDXL) and, for Plus, FacePerceiverResampler(dim=d, heads d/64)."""
     g = torch.Generator().manual_seed(seed)
+    one = torch.ones(d, dtype=torch.float16)
     sd = {"proj.0.weight": _rand((1024, 512), g, 0.05), "proj.0.bias": _rand((1024,), g),
-          "proj.2.weight": _rand((768 * tokens, 1024), g, 0.05), "proj.2.bias": _rand((768 * tokens,), g),
-          "norm.weight": (1 + _rand((768,), g).float()).half(), "norm.bias": _rand((768,), g)}
+          "proj.2.weight": _rand((d * tokens, 1024), g, 0.05), "proj.2.bias": _rand((d * tokens,), g),
+          "norm.weight": (1 + _rand((d,), g).float()).half(), "norm.bias": _rand((d,), g)}
     if plus:
         pr = "perceiver_resampler."
-        sd.update({pr + "proj_in.weight": _rand((768, 1280), g), pr + "proj_in.bias": _rand((768,), g),
-                   pr + "proj_out.weight": _rand((768, 768), g), pr + "proj_out.bias": _rand((768,), g),
-                   pr + "norm_out.weight": torch.ones(768, dtype=torch.float16),
-                   pr + "norm_out.bias": _rand((768,), g)})
+        sd.update({pr + "proj_in.weight": _rand((d, 1280), g), pr + "proj_in.bias": _rand((d,), g),
+                   pr + "proj_out.weight": _rand((d, d), g), pr + "proj_out.bias": _rand((d,), g),
+                   pr + "norm_out.weight": one.clone(), pr + "norm_out.bias": _rand((d,), g)})
         for i in range(4):
             a, f = f"{pr}layers.{i}.0.", f"{pr}layers.{i}.1."
-            sd.update({a + "norm1.weight": torch.ones(768, dtype=torch.float16), a + "norm1.bias": _rand((768,), g),
-                       a + "norm2.weight": torch.ones(768, dtype=torch.float16), a + "norm2.bias": _rand((768,), g),
-                       a + "to_q.weight": _rand((768, 768), g), a + "to_kv.weight": _rand((1536, 768), g),
-                       a + "to_out.weight": _rand((768, 768), g), f + "0.weight": torch.ones(768, dtype=torch.float16),
-                       f + "0.bias": _rand((768,), g), f + "1.weight": _rand((3072, 768), g),
-                       f + "3.weight": _rand((768, 3072), g)})
+            sd.update({a + "norm1.weight": one.clone(), a + "norm1.bias": _rand((d,), g),
+                       a + "norm2.weight": one.clone(), a + "norm2.bias": _rand((d,), g),
+                       a + "to_q.weight": _rand((d, d), g), a + "to_kv.weight": _rand((2 * d, d), g),
+                       a + "to_out.weight": _rand((d, d), g), f + "0.weight": one.clone(),
+                       f + "0.bias": _rand((d,), g), f + "1.weight": _rand((4 * d, d), g),
+                       f + "3.weight": _rand((d, 4 * d), g)})
     return sd
 
 
-def ip_adapter(lora: bool = True, seed: int = 1, context_dim: int = 768) -> dict:
+def ip_adapter(lora: bool = True, seed: int = 1, context_dim: int = 768, widths=None) -> dict:
+    """``to_k_ip``/``to_v_ip`` of every attn2 processor (odd p) and optionally the rank-128 LoRA of all processors;
+    ``widths``: per transformer block in diffusers order (default SD1.5's; :data:`SDXL_BLOCK_WIDTHS`, or
+    :func:`diffusers_block_widths` of a reduced model)."""
     g = torch.Generator().manual_seed(seed)
+    widths = BLOCK_WIDTHS if widths is None else widths
     sd = {}
-    for p in range(32):
-        hidden = BLOCK_WIDTHS[p // 2]
+    for p in range(2 * len(widths)):
+        hidden = widths[p // 2]
         if p % 2:
             sd[f"{p}.to_k_ip.weight"] = _rand((hidden, context_dim), g, 0.05)
             sd[f"{p}.to_v_ip.weight"] = _rand((hidden, context_dim), g, 0.05)
@@ -79,9 +103,22 @@ def _parts(variant: str, seed: int) -> tuple[dict, dict]:
         return image_proj(4, plus=True, seed=seed), ip_adapter(True, seed + 1)
     if variant == "portrait":
         return image_proj(16, seed=seed), ip_adapter(False, seed + 1)
-    if variant == "sdxl":
-        return image_proj(4, seed=seed), ip_adapter(False, seed + 1, context_dim=2048)
+    if variant == "sdxl":  # FaceID SDXL: 4 tokens of 2048, LoRA embedded (ip-adapter-faceid_sdxl.bin)
+        return image_proj(4, seed=seed, d=2048), ip_adapter(True, seed + 1, 2048, SDXL_BLOCK_WIDTHS)
+    if variant == "sdxl-plusv2":  # ip-adapter-faceid-plusv2_sdxl.bin
+        return image_proj(4, plus=True, seed=seed, d=2048), ip_adapter(True, seed + 1, 2048, SDXL_BLOCK_WIDTHS)
+    if variant == "sdxl-portrait":  # ip-adapter-faceid-portrait_sdxl.bin: 16 tokens, no LoRA
+        return image_proj(16, seed=seed, d=2048), ip_adapter(False, seed + 1, 2048, SDXL_BLOCK_WIDTHS)
+    if variant == "sdxl-nolora":  # the adapter part alone (tests that do not need the 186 M LoRA parameters)
+        return image_proj(4, seed=seed, d=2048), ip_adapter(False, seed + 1, 2048, SDXL_BLOCK_WIDTHS)
     raise ValueError(variant)
+
+
+def reduced_parts(widths: list, variant: str = "faceid", seed: int = 0, d: int = 2048) -> tuple[dict, dict]:
+    """``(image_proj, ip_adapter)`` of a FaceID file for a reduced topology (``widths`` per transformer block in
+    diffusers order, :func:`diffusers_block_widths`)."""
+    tokens, plus, lora = {"faceid": (4, False, True), "plus": (4, True, True), "portrait": (16, False, False)}[variant]
+    return image_proj(tokens, plus, seed, d), ip_adapter(lora, seed + 1, d, list(widths))
 
 
 def write_bin(path, parts: tuple[dict, dict]) -> None:
