@@ -2,7 +2,9 @@
 
 The skeleton follows the standard OpenPose/ControlNet rendering (18 COCO points, 17 limbs drawn as filled
 ellipses of half-width 4 at 60 % of the limb colour, joints as radius-4 discs) so the usual OpenPose ControlNet
-reads it. On top, each identity slot gets a filled circle at its face centre in :func:`slot_color` — the paper's
+reads it. Those sizes are for a 512-px canvas, as the annotators draw at their 512-px detect resolution and scale
+the picture to the output: on a larger canvas (SDXL's 1024², 1216×832 …) widths and radii grow with the shorter
+side (:func:`draw_scale`); at 512 px and below they are exactly the classic ones. On top, each identity slot gets a filled circle at its face centre in :func:`slot_color` — the paper's
 "coloured circles" telling the model which identity goes where. The palette and radius are part of the
 checkpoint contract: training and inference both draw through this module.
 """
@@ -43,10 +45,17 @@ def _cv2():
     return cv2
 
 
+def draw_scale(height: int, width: int) -> float:
+    """How much thicker than at 512 px lines and dots are drawn on an ``height``×``width`` canvas (≥ 1)."""
+    return max(1.0, min(int(height), int(width)) / 512.0)
+
+
 def draw_skeletons(frame: PoseFrame) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB image of every person's body skeleton on black."""
+    """``(H, W, 3)`` uint8 RGB image of every person's body skeleton on black (sizes: :func:`draw_scale`)."""
     cv2 = _cv2()
     canvas = np.zeros((frame.height, frame.width, 3), dtype=np.uint8)
+    scale = draw_scale(frame.height, frame.width)
+    stick, joint = int(round(STICK_WIDTH * scale)), int(round(4 * scale))
     for person in frame.people:
         b = person.body
         for i, (a, c) in enumerate(LIMBS):
@@ -55,12 +64,12 @@ def draw_skeletons(frame: PoseFrame) -> np.ndarray:
             (x0, y0), (x1, y1) = b[a, :2], b[c, :2]
             length = math.hypot(x1 - x0, y1 - y0)
             angle = math.degrees(math.atan2(y1 - y0, x1 - x0))
-            poly = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), STICK_WIDTH),
+            poly = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), stick),
                                     int(angle), 0, 360, 1)
             cv2.fillConvexPoly(canvas, poly, [int(v * 0.6) for v in JOINT_COLORS[i]])
         for i in range(18):
             if b[i, 2] > 0:
-                cv2.circle(canvas, (int(b[i, 0]), int(b[i, 1])), 4, JOINT_COLORS[i], thickness=-1)
+                cv2.circle(canvas, (int(b[i, 0]), int(b[i, 1])), joint, JOINT_COLORS[i], thickness=-1)
     return canvas
 
 
@@ -73,13 +82,14 @@ def draw_openpose_image(frame: PoseFrame, face_points: bool = True) -> np.ndarra
     for ``control_v11p_sd15_openpose``)."""
     cv2 = _cv2()
     canvas = draw_skeletons(frame)
+    radius = int(round(FACE_POINT_RADIUS * draw_scale(frame.height, frame.width)))
     if face_points:
         for person in frame.people:
             if person.face is None:
                 continue
             for x, y, c in person.face:
                 if c > 0:
-                    cv2.circle(canvas, (int(x), int(y)), FACE_POINT_RADIUS, (255, 255, 255), thickness=-1)
+                    cv2.circle(canvas, (int(x), int(y)), radius, (255, 255, 255), thickness=-1)
     return canvas
 
 

@@ -41,3 +41,28 @@ def test_preview_tints_masks():
     x1, y1, x2, y2 = (int(v) for v in slots.mask_boxes[0])
     assert (prev[y1 + 3, x1 + 3] != ctrl[y1 + 3, x1 + 3]).any()
     assert (prev[500, 500] == ctrl[500, 500]).all()
+
+
+def test_skeleton_widths_and_joints_grow_with_the_canvas_beyond_512_px():
+    """At 512 px the classic OpenPose sizes (joint discs of radius 4); on SDXL canvases the pose scaled ×2 is drawn
+    as the 512-px picture scaled ×2 (what the annotators do: draw at 512, resize), within a pixel's rounding."""
+    import cv2
+
+    from instantfamily_core.render import draw_openpose_image
+    small = parse_pose(frame([person(200, 150, s=40)]))
+    big = small.scaled(1024, 1024)
+    assert (big.width, big.height) == (1024, 1024)
+    a, b = draw_skeletons(small), draw_skeletons(big)
+    up = cv2.resize(a, (1024, 1024), interpolation=cv2.INTER_NEAREST)
+    drawn_a, drawn_b = (a.any(-1)).sum(), (b.any(-1)).sum()
+    assert 3.6 < drawn_b / drawn_a < 4.4  # area ×4: widths and radii ×2, lengths ×2
+    assert ((up.any(-1)) != (b.any(-1))).mean() < 0.01
+    neck = np.argwhere((a == (255, 85, 0)).all(-1))  # the neck disc: radius 4 at 512 px
+    assert 45 <= len(neck) <= 60
+    face = [v for i in range(70) for v in (180 + (i % 10) * 4, 140 + (i // 10) * 4, 1.0)]
+    dots = [draw_openpose_image(f).all(-1).sum() for f in (parse_pose(frame([person(200, 150, s=40, face=face)])),
+                                                          parse_pose(frame([person(200, 150, s=40, face=face)]))
+                                                          .scaled(1024, 1024))]
+    assert 3.0 < dots[1] / dots[0] < 5.0  # white face dots: radius 3 → 6
+    wide = parse_pose(frame([person(200, 150, s=40)], w=512, h=512)).scaled(1216, 832)
+    assert draw_skeletons(wide).shape == (832, 1216, 3)
