@@ -27,6 +27,7 @@ from tools.devkit.workflow_format import API_DIR, WORKFLOWS_DIR, api_to_ui  # no
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 INSTANTFAMILY = "instantfamily_sd15.safetensors"
 
 
@@ -41,14 +42,17 @@ def _graph():
     return p, add
 
 
-def _people(add, n: int, photo: bool, pack: str, control_image: str):
-    """What both modes share: the checkpoint, face analysis, one Encode Identity per person, Pose to Masks (from a
-    group photo or a bundled template) and the two prompts. Returns (width, ckpt, ids, ptm, pos, neg)."""
-    width = 512
+def _people(add, n: int, photo: bool, pack: str, control_image: str, height: int = 512,
+            checkpoint: str = CHECKPOINT):
+    """What every mode shares: the checkpoint, face analysis, one Encode Identity per person, Pose to Masks (from a
+    group photo or a bundled template, at ``height`` px and the template's aspect) and the two prompts. Returns
+    (width, ckpt, ids, ptm, pos, neg)."""
+    width = height
     if not photo:
         with open(ROOT / "pose_templates" / f"family_{n}.json") as f:
-            width = json.load(f)[0]["canvas_width"]
-    ckpt = add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+            canvas = json.load(f)[0]
+        width = 8 * round(canvas["canvas_width"] * height / canvas["canvas_height"] / 8)
+    ckpt = add("CheckpointLoaderSimple", ckpt_name=checkpoint)
     fa = add("InstantFamilyFaceAnalysisLoader", pack=pack, provider="auto", det_size=640)
     ids = None
     for i in range(n):
@@ -57,7 +61,7 @@ def _people(add, n: int, photo: bool, pack: str, control_image: str):
         if ids:
             kw["identities"] = [ids, 0]
         ids = add("InstantFamilyEncodeIdentity", **kw)
-    masks_kw = dict(identities=[ids, 0], width=width, height=512, margin=0.25, identity_order="auto",
+    masks_kw = dict(identities=[ids, 0], width=width, height=height, margin=0.25, identity_order="auto",
                     control_image=control_image)
     if photo:
         photo_id = add("LoadImage", image="group_photo.png")
@@ -73,10 +77,11 @@ def _people(add, n: int, photo: bool, pack: str, control_image: str):
     return width, ckpt, ids, ptm, pos, neg
 
 
-def _sample_and_save(add, model, positive, negative, width: int, ckpt, ptm, prefix: str) -> None:
+def _sample_and_save(add, model, positive, negative, width: int, ckpt, ptm, prefix: str, height: int = 512,
+                     cfg: float = 6.0) -> None:
     """KSampler → VAEDecode → SaveImage, plus a preview of the masks."""
-    lat = add("EmptyLatentImage", width=width, height=512, batch_size=1)
-    ks = add("KSampler", model=model, seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras",
+    lat = add("EmptyLatentImage", width=width, height=height, batch_size=1)
+    ks = add("KSampler", model=model, seed=42, steps=30, cfg=cfg, sampler_name="dpmpp_2m", scheduler="karras",
              positive=positive, negative=negative, latent_image=[lat, 0], denoise=1.0)
     dec = add("VAEDecode", samples=[ks, 0], vae=[ckpt, 2])
     add("SaveImage", images=[dec, 0], filename_prefix=prefix)
@@ -103,17 +108,28 @@ WORKFLOWS = {
 # Public-weights mode (IP-Adapter-FaceID + the public OpenPose ControlNet)
 CONTROL_CIRCLES = "skeleton + slot circles (InstantFamily)"
 CONTROL_OPENPOSE = "OpenPose: skeleton + face points (public weights)"
-FACEID_FILES = {"faceid": "ip-adapter-faceid_sd15.bin", "plusv2": "ip-adapter-faceid-plusv2_sd15.bin"}
+FACEID_FILES = {"faceid": "ip-adapter-faceid_sd15.bin", "plusv2": "ip-adapter-faceid-plusv2_sd15.bin",
+                "sdxl": "ip-adapter-faceid_sdxl.bin"}
 OPENPOSE_CONTROLNET = "control_v11p_sd15_openpose.pth"
+SDXL_OPENPOSE = {"thibaud": "OpenPoseXL2.safetensors", "xinsir": "xinsir-openpose-sdxl-1.0.safetensors"}
+CONTROLNET_SOURCES = {
+    OPENPOSE_CONTROLNET: "lllyasviel/ControlNet-v1-1",
+    SDXL_OPENPOSE["thibaud"]: "thibaud/controlnet-openpose-sdxl-1.0",
+    SDXL_OPENPOSE["xinsir"]: "xinsir/controlnet-openpose-sdxl-1.0: its `diffusion_pytorch_model.safetensors`, "
+                             "renamed",
+}
 CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 
-def faceid_prompt(n: int, photo: bool, variant: str = "faceid") -> dict:
+def faceid_prompt(n: int, photo: bool, variant: str = "faceid", openpose: str = OPENPOSE_CONTROLNET) -> dict:
     """N people with a published FaceID file: Encode Identity (buffalo_l) → Pose to Masks (plain OpenPose image) →
     Apply InstantFamily FaceID on the model; the pose through the stock ControlNetLoader + ControlNetApplyAdvanced
-    with control_v11p_sd15_openpose."""
+    with a public OpenPose ControlNet (SD1.5 at 512 px; SDXL files at 1024 px, CFG 5)."""
     p, add = _graph()
-    width, ckpt, ids, ptm, pos, neg = _people(add, n, photo, "buffalo_l", CONTROL_OPENPOSE)
+    sdxl = variant.startswith("sdxl")
+    height = 1024 if sdxl else 512
+    width, ckpt, ids, ptm, pos, neg = _people(add, n, photo, "buffalo_l", CONTROL_OPENPOSE, height,
+                                              SDXL_CHECKPOINT if sdxl else CHECKPOINT)
     fid = add("InstantFamilyFaceIDLoader", ipadapter_file=FACEID_FILES[variant], plus_version="auto (file name)",
               lora="embedded (from the adapter file)")
     apply_kw = dict(model=[ckpt, 0], faceid=[fid, 0], identities=[ids, 0], masks=[ptm, 1], weight=1.0,
@@ -121,10 +137,11 @@ def faceid_prompt(n: int, photo: bool, variant: str = "faceid") -> dict:
     if variant == "plusv2":
         apply_kw["clip_vision"] = [add("CLIPVisionLoader", clip_name=CLIP_VISION_H), 0]
     app = add("ApplyInstantFamilyFaceID", **apply_kw)
-    cn = add("ControlNetLoader", control_net_name=OPENPOSE_CONTROLNET)
+    cn = add("ControlNetLoader", control_net_name=openpose)
     cna = add("ControlNetApplyAdvanced", positive=[pos, 0], negative=[neg, 0], control_net=[cn, 0],
-              image=[ptm, 0], strength=1.0, start_percent=0.0, end_percent=1.0)
-    _sample_and_save(add, [app, 0], [cna, 0], [cna, 1], width, ckpt, ptm, "InstantFamily_FaceID")
+              image=[ptm, 0], strength=1.0 if not sdxl else 0.8, start_percent=0.0, end_percent=1.0)
+    _sample_and_save(add, [app, 0], [cna, 0], [cna, 1], width, ckpt, ptm,
+                     "InstantFamily_FaceID_SDXL" if sdxl else "InstantFamily_FaceID", height, 5.0 if sdxl else 6.0)
     return p
 
 
@@ -132,6 +149,8 @@ FACEID_WORKFLOWS = {
     "faceid_2_people_pose_from_photo": (2, True, "faceid"),
     "faceid_4_people_template": (4, False, "faceid"),
     "faceid_plusv2_2_people_pose_from_photo": (2, True, "plusv2"),
+    "sdxl_faceid_2_people_pose_from_photo": (2, True, "sdxl", SDXL_OPENPOSE["thibaud"]),
+    "sdxl_faceid_4_people_template": (4, False, "sdxl", SDXL_OPENPOSE["xinsir"]),
 }
 
 
@@ -203,7 +222,7 @@ FOLDERS = {
     ("InstantFamilyLoader", "checkpoint"): "`ComfyUI/models/instantfamily/` (nobody has released weights: train "
                                            "and export one, docs/training.md)",
     ("InstantFamilyFaceIDLoader", "ipadapter_file"): "`ComfyUI/models/ipadapter/` (h94/IP-Adapter-FaceID)",
-    ("ControlNetLoader", "control_net_name"): "`ComfyUI/models/controlnet/` (lllyasviel/ControlNet-v1-1)",
+    ("ControlNetLoader", "control_net_name"): "`ComfyUI/models/controlnet/` ({source})",
     ("CLIPVisionLoader", "clip_name"): "`ComfyUI/models/clip_vision/`",
     ("InstantFamilyFaceAnalysisLoader", "pack"): "`ComfyUI/models/insightface/models/{value}/` (the `.onnx` files "
                                                  "directly inside)",
@@ -218,11 +237,13 @@ def note_for(name: str, prompt: dict) -> str:
         for (cls, key), folder in FOLDERS.items():
             if node["class_type"] == cls:
                 value = node["inputs"][key]
-                files.append(f"- **{value}** → {folder.format(value=value)}")
+                files.append(f"- **{value}** → {folder.format(value=value, source=CONTROLNET_SOURCES.get(value))}")
         if node["class_type"] == "LoadImage":
             photos.append(node["inputs"]["image"])
     people = _count_people(prompt)
-    mode = "public IP-Adapter-FaceID weights" if any(
+    sdxl = any(n["class_type"] == "CheckpointLoaderSimple" and n["inputs"]["ckpt_name"] == SDXL_CHECKPOINT
+               for n in prompt.values())
+    mode = f"public IP-Adapter-FaceID {'SDXL ' if sdxl else ''}weights" if any(
         n["class_type"] == "ApplyInstantFamilyFaceID" for n in prompt.values()) else "an InstantFamily checkpoint"
     pose = ("the pose of `group_photo.png` (Pose from Image; `pip install controlnet-aux`, or set its method to "
             "*faces*)" if "group_photo.png" in photos else "a bundled pose template")
