@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: the ComfyUI host, random SD1.5-shaped models, statistics, tables.
+"""Shared helpers of the benchmark scripts: the ComfyUI host, random SD1.5- and SDXL-shaped models, statistics,
+tables.
 
 The host is found and imported with the development helpers (``tools/devkit/comfy_host.py``: ``COMFYUI_PATH``, this pack
 inside ``ComfyUI/custom_nodes``, or ``~/comfy/ComfyUI``) and the pack is loaded through ComfyUI's own custom-node
@@ -49,7 +50,7 @@ def load_host(device: str = "cpu", extra_args: Sequence[str] = ()):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SD1.5-shaped random models built with ComfyUI's own classes
+# SD1.5- and SDXL-shaped random models built with ComfyUI's own classes
 
 SD15_FULL = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
              "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
@@ -72,6 +73,37 @@ def unet_config(model_channels: int = 320, num_heads: int = 8) -> dict:
     return cfg
 
 
+SDXL_FULL = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+             "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+             "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+             "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": -1,
+             "num_head_channels": 64}
+"""SDXL base's UNet config as ComfyUI detects it (``model_config_from_unet(...).unet_config`` of sd_xl_base_1.0,
+``SDXL``'s ``num_heads = -1``, ``num_head_channels = 64`` included): 70 cross-attentions at 640/1280, 2048-d text,
+ADM ``y`` of 2816 (pooled 1280 + 6 size embeddings of 256)."""
+
+SDXL_POOLED_DIM = 1280
+"""Width of SDXL's pooled text (CLIP-G) in ``y``; the rest of the 2816 are the six size/crop embeddings."""
+
+
+def sdxl_unet_config(model_channels: int = 320, head_channels: int = 64, depth: int = 10) -> dict:
+    """SDXL's topology (3 levels, 2 res blocks, cross-attention at input 4, 5, 7, 8, the middle and output 0..5,
+    linear projections, context 2048, ADM 2816) at a given width and depth: level-1 blocks keep SDXL's 2
+    transformers, level-2 blocks and the middle get ``depth`` (SDXL: 10); heads of ``head_channels`` (SDXL: 64),
+    narrowed to the level-1 width when the model is narrower than that. The defaults are :data:`SDXL_FULL`."""
+    cfg = dict(SDXL_FULL)
+    depth = int(depth)
+    cfg["model_channels"] = int(model_channels)
+    cfg["transformer_depth"] = [0, 0, 2, 2, depth, depth]
+    cfg["transformer_depth_output"] = [0, 0, 0, 2, 2, 2, depth, depth, depth]
+    cfg["transformer_depth_middle"] = depth
+    cfg["num_heads"] = -1
+    cfg["num_head_channels"] = min(int(head_channels), 2 * int(model_channels))
+    return cfg
+
+
 def randomise(module, seed: int, std: float = 0.02):
     """ComfyUI layers allocate with ``torch.empty``: fill them in place on their device (seeded normal for weights
     and biases, 1 for norm weights)."""
@@ -86,14 +118,19 @@ def randomise(module, seed: int, std: float = 0.02):
     return module
 
 
-def build_unet(cfg: dict, dtype, device: str, seed: int = 0):
-    """A ``ModelPatcher`` around a random SD1.5-architecture UNet (``comfy.supported_models.SD15``)."""
+def build_unet(cfg: dict, dtype, device: str, seed: int = 0, model_class: str = "SD15"):
+    """A ``ModelPatcher`` around a random UNet of ComfyUI's ``comfy.supported_models.<model_class>``: SD1.5
+    architecture by default, ``"SDXL"`` for an :func:`sdxl_unet_config` (ComfyUI's ``model_base.SDXL``: ADM ``y``
+    from the pooled text and the image size)."""
     import torch
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
-    mc = comfy.supported_models.SD15(dict(cfg))
-    mc.unet_config.update(num_heads=cfg.get("num_heads", 8), num_head_channels=-1)  # SD15 forces 8 heads
+    mc = getattr(comfy.supported_models, model_class)(dict(cfg))
+    if model_class == "SD15":
+        mc.unet_config.update(num_heads=cfg.get("num_heads", 8), num_head_channels=-1)  # SD15 forces 8 heads
+    else:  # the config's own heads (SDXL forces heads of 64 channels)
+        mc.unet_config.update({k: cfg[k] for k in ("num_heads", "num_head_channels") if k in cfg})
     mc.set_inference_dtype(dtype, None)
     base = mc.get_model({}, device=torch.device(device))
     randomise(base.diffusion_model, seed)
@@ -147,10 +184,20 @@ def face_masks(n: int, height: int, width: int):
     return masks
 
 
-def conditioning(seed: int, length: int = 77, dim: int = 768):
+def conditioning(seed: int, length: int = 77, dim: int = 768, pooled_dim: int = 0, size: Optional[tuple] = None):
+    """One random text conditioning ``[[cond (1, length, dim), extras]]``; for SDXL also ``pooled_output``
+    (``pooled_dim`` wide) and, with ``size = (width, height)`` in pixels, the size/crop entries SDXL's
+    ``encode_adm`` reads (width, height, crop_w/h 0, target_width/height)."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, length, dim, generator=g), {}]]
+    cond = torch.randn(1, length, dim, generator=g)
+    extras: dict = {}
+    if pooled_dim:
+        extras["pooled_output"] = torch.randn(1, int(pooled_dim), generator=g)
+    if size is not None:
+        w, h = (int(x) for x in size)
+        extras.update(width=w, height=h, crop_w=0, crop_h=0, target_width=w, target_height=h)
+    return [[cond, extras]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
