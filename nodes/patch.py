@@ -341,8 +341,9 @@ def live_topology(model, name: str = ""):
     if len(context) != 1:
         raise ValueError(f"cross-attentions read text of several widths {sorted(context)}")
     config = getattr(getattr(model, "model", None), "model_config", None)
-    topo = Topology.from_sites(name or (type(config).__name__ if config is not None else "UNet"), sites,
-                               context.pop(), res)
+    family = {"SD15": "SD1.5", "SDXL": "SDXL"}.get(type(config).__name__, type(config).__name__) \
+        if config is not None else "SD-family"
+    topo = Topology.from_sites(name or f"a non-standard {family} UNet", sites, context.pop(), res)
     known = PUBLISHED.get(topo.context_dim)
     if known is not None and (known.blocks, known.res_blocks) == (topo.blocks, topo.res_blocks):
         topo = known

@@ -180,8 +180,8 @@ def test_bad_inputs_are_typed_errors(host, sd15, faceid, tmp_path):
     from instantfamily_core.errors import BaseModelError, EmbeddingError, IdentityCountError, MaskError
     from support.comfy_models import tiny_sd15
     with pytest.raises(BaseModelError, match=r"ip-adapter-faceid_sd15.bin is a FaceID file for SD1.5 \(16 "
-                                             r"cross-attentions at 320/640/1280, 768-d text\), but the model is SD15 "
-                                             r"\(7 cross-attentions at 32/64, .*full SD1.5 UNet"):
+                                             r"cross-attentions at 320/640/1280, 768-d text\), but the model is a "
+                                             r"non-standard SD1.5 UNet \(7 cross-attentions at 32/64, .*full SD1.5 UNet"):
         apply(host, tiny_sd15(), faceid, _ids(1), halves(1))
     with pytest.raises(MaskError):
         apply(host, sd15, faceid, _ids(2), halves(1))
