@@ -477,3 +477,19 @@ def checkpoint_key_report(path: str) -> dict:
     rep["clip_class"] = type(clip).__name__
     rep["left_over"] = sorted(rest)
     return rep
+
+
+def tiny_sdxl_controlnet(seed: int = 1, wrap: bool = True):
+    """A ControlNet of :data:`TINY_SDXL_UNET`'s encoder (cldm, hint 3 channels, ADM 2816, cross-attention reading
+    2048-d context), random seeded; ``wrap``: as ComfyUI's CONTROL_NET (``comfy.controlnet.ControlNet``), like
+    ControlNetLoader returns it."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    cfg = {k: v for k, v in TINY_SDXL_UNET.items() if k not in ("out_channels", "transformer_depth_output")}
+    cfg["hint_channels"] = 3
+    model = comfy.cldm.cldm.ControlNet(**cfg, operations=comfy.ops.disable_weight_init)
+    randomise(model, seed)
+    if not wrap:
+        return model
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"))
