@@ -6,9 +6,12 @@ from ComfyUI's ``folder_paths``), so both print the same table. This module impo
 check imports what it inspects and turns the failure into a row.
 
 Rows have a status: ``ok``, ``warn`` (works, but worth knowing) or ``FAIL`` (something needed is missing or broken).
-The exit code is 1 when any row failed, else 0. A mode row at the end says which way of generating is ready:
-*InstantFamily* (a checkpoint you trained + its face pack) or *public weights* (IP-Adapter-FaceID + buffalo_l +
-the OpenPose ControlNet, + CLIP ViT-H for Plus); at least one must be.
+The exit code is 1 when any row failed, else 0. Mode rows at the end say which way of generating is ready:
+*InstantFamily* (a checkpoint you trained + its face pack + an SD1.5 checkpoint) and *public weights* on SD1.5 and
+on SDXL (an IP-Adapter-FaceID file of that base + buffalo_l + an OpenPose ControlNet of that base + a base
+checkpoint, + CLIP ViT-H for Plus); at least one must be. Files are told apart by their keys and shapes: FaceID by
+the text width its adapter reads (768 SD1.5, 2048 SDXL), ControlNets and checkpoints by their cross-attention width
+(and SDXL's 2816-wide size/pooled-text embedding, second text encoder).
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ WEIGHT_EXTS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 FACEID_DOWNLOAD = "https://huggingface.co/h94/IP-Adapter-FaceID"
 OPENPOSE_DOWNLOAD = ("control_v11p_sd15_openpose (e.g. control_v11p_sd15_openpose_fp16.safetensors from "
                      "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors)")
+OPENPOSE_SDXL_DOWNLOAD = ("an SDXL OpenPose ControlNet: OpenPoseXL2.safetensors (https://huggingface.co/thibaud/"
+                          "controlnet-openpose-sdxl-1.0) or diffusion_pytorch_model.safetensors + config.json of "
+                          "https://huggingface.co/xinsir/controlnet-openpose-sdxl-1.0 (in a folder of its own)")
+SDXL_BASE_DOWNLOAD = "an SDXL base checkpoint (sd_xl_base_1.0.safetensors, https://huggingface.co/stabilityai/" \
+                     "stable-diffusion-xl-base-1.0)"
+VIT_H = "CLIP ViT-H-14 (laion2B) image encoder (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)"
+BASES = ("SD1.5", "SDXL")
+CONTEXT_BASES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
+FACEID_FILES = {"SD1.5": "ip-adapter-faceid_sd15.bin or ip-adapter-faceid-plusv2_sd15.bin",
+                "SDXL": "ip-adapter-faceid_sdxl.bin, ip-adapter-faceid-plusv2_sdxl.bin or "
+                        "ip-adapter-faceid-portrait_sdxl.bin"}
 
 
 @dataclass
@@ -370,15 +384,42 @@ def _model_file_error(message: str) -> ValueError:
 
 @dataclass
 class Models:
-    """What the model checks found, for the mode summary."""
+    """What the model checks found, for the mode summary (per base where it matters: ``"SD1.5"``, ``"SDXL"``)."""
 
     packs: dict = field(default_factory=dict)        # valid pack name → folder
     checkpoints: dict = field(default_factory=dict)  # valid InstantFamily file → face pack it needs
-    faceid: dict = field(default_factory=dict)       # valid FaceID file → (variant, has LoRA)
+    faceid: dict = field(default_factory=dict)       # valid FaceID file → (variant, has LoRA, base)
     faceid_loras: list = field(default_factory=list)
     clip_vision: list = field(default_factory=list)
-    openpose: list = field(default_factory=list)     # usable OpenPose ControlNets
-    bases: list = field(default_factory=list)
+    vit_h: list = field(default_factory=list)        # CLIP vision files that are ViT-H (what FaceID Plus reads)
+    openpose: list = field(default_factory=list)     # usable SD1.5 OpenPose ControlNets
+    openpose_sdxl: list = field(default_factory=list)  # usable SDXL OpenPose ControlNets
+    bases: list = field(default_factory=list)        # SD1.5 checkpoints
+    bases_sdxl: list = field(default_factory=list)   # SDXL base checkpoints
+
+    def faceid_loras_for(self, base: str) -> list:
+        """Companion LoRA files of a base, told by name as published (``…_sd15_lora``, ``…_sdxl_lora``)."""
+        return [p for p in self.faceid_loras if ("sdxl" in p.name.lower()) == (base == "SDXL")]
+
+    def usable_faceid(self, base: str) -> list:
+        """FaceID files of ``base`` that have their LoRA (inside, or a companion file; Portrait needs none) and,
+        for Plus, a ViT-H image encoder."""
+        return [n for n, (v, lora, b) in self.faceid.items() if b == base
+                and (lora or v == "portrait" or self.faceid_loras_for(base))
+                and (v not in ("plus", "plusv2") or self.vit_h)]
+
+
+def _walk(folder: Path):
+    """Every path under ``folder``, following symlinked folders as ComfyUI's file lists do (``os.walk(...,
+    followlinks=True)``), each real folder once (no symlink loops)."""
+    seen = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(top) / n for n in names)
 
 
 def _files(folders: Iterable[Path], exts=WEIGHT_EXTS, recursive: bool = True) -> list[Path]:
@@ -386,7 +427,7 @@ def _files(folders: Iterable[Path], exts=WEIGHT_EXTS, recursive: bool = True) ->
     for d in folders:
         if not d.is_dir():
             continue
-        it = d.rglob("*") if recursive else d.iterdir()
+        it = _walk(d) if recursive else d.iterdir()
         out += sorted(p for p in it if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith("."))
     return out
 
@@ -486,38 +527,79 @@ def _controlnet_layout_ok(keys: set, layout: str) -> tuple[bool, str]:
     return (want in keys, f"no {want!r}")
 
 
+def _clip_width(p: Path) -> Optional[int]:
+    """Width of a CLIP vision file (ViT-H 1280, ViT-L 1024, ViT-bigG 1664) from its safetensors header: the patch
+    embedding's output channels (transformers ``…embeddings.patch_embedding.weight``, OpenCLIP ``visual.conv1.
+    weight``); pickles and unknown layouts by name (``ViT-H``)."""
+    if p.name.lower().endswith(".safetensors"):
+        try:
+            shapes = _tensor_shapes(p)
+        except Exception:  # noqa: BLE001 - unreadable: ComfyUI will say
+            return None
+        for k, shape in shapes.items():
+            if k.endswith("embeddings.patch_embedding.weight") or k.endswith("visual.conv1.weight"):
+                return int(shape[0])
+    name = p.name.lower().replace("_", "-")
+    return 1280 if "vit-h" in name else None
+
+
+def _read_faceid(p: Path):
+    """Validated :class:`~instantfamily_core.faceid.FaceIDWeights` of a file — the loader node's check. A ``.bin``
+    (zip) is memory-mapped, so a 1.5 GB SDXL file is not read into memory; anything unusual goes through
+    ``load_faceid`` for its message."""
+    from instantfamily_core.faceid import load_faceid, validate
+    if p.name.lower().endswith(".bin"):
+        import zipfile
+
+        import torch
+        if zipfile.is_zipfile(p):
+            try:
+                data = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - load_faceid reports it
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("image_proj"), dict) and \
+                    isinstance(data.get("ip_adapter"), dict):
+                return validate(dict(data["image_proj"]), dict(data["ip_adapter"]), p.name)
+    return load_faceid(str(p))
+
+
 def check_faceid(loc: Locations, models: Models) -> list[Check]:
-    """IP-Adapter-FaceID files in ``ipadapter`` (names with 'faceid'), their LoRAs, CLIP ViT-H for Plus."""
+    """IP-Adapter-FaceID files in ``ipadapter`` (names with 'faceid'; SD1.5 and SDXL), their LoRAs, CLIP ViT-H for
+    Plus."""
     files = [p for p in _files(loc.get("ipadapter")) if "faceid" in p.name.lower() and not
              p.name.lower().endswith("_lora.safetensors")]
     models.faceid_loras = [p for p in _files(loc.get("loras"), (".safetensors",))
                            if "faceid" in p.name.lower() and p.name.lower().endswith("_lora.safetensors")]
     models.clip_vision = _files(loc.get("clip_vision"))
+    models.vit_h = [p for p in models.clip_vision if _clip_width(p) == 1280]
     rows = []
     try:
-        from instantfamily_core.faceid import load_faceid
+        importlib.import_module("instantfamily_core.faceid")  # torch broken: said once, not per file
     except Exception as e:  # noqa: BLE001 - torch broken
         return [Check("FaceID files", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
                       "fix the rows above first")] if files else []
     for p in files:
         try:
-            w = load_faceid(str(p))  # container, variant, every key and shape (the FaceID loader node's check)
-            variant, lora = w.variant, w.has_lora
+            w = _read_faceid(p)  # container, base, variant, every key and shape (the FaceID loader node's check)
+            variant, lora, base = w.variant, w.has_lora, w.base
         except Exception as e:  # noqa: BLE001 - typed FaceIDFileError, or anything a corrupt file raises
             rows.append(Check(f"FaceID {p.name}", FAIL, _first_line(e) or type(e).__name__,
-                              f"download it again from {FACEID_DOWNLOAD} (SD1.5 files) or remove it from {p.parent}"))
+                              f"download it again from {FACEID_DOWNLOAD} or remove it from {p.parent}"))
             continue
-        models.faceid[p.name] = (variant, lora)
+        models.faceid[p.name] = (variant, lora, base)
         needs = []
-        if variant in ("faceid", "plus", "plusv2") and not lora and not models.faceid_loras:
-            needs.append(f"its LoRA (…_sd15_lora.safetensors from {FACEID_DOWNLOAD}) in {_where(loc.get('loras'))}")
-        if variant in ("plus", "plusv2") and not models.clip_vision:
-            needs.append(f"CLIP ViT-H-14 (laion2B) image encoder in {_where(loc.get('clip_vision'))}")
+        if variant in ("faceid", "plus", "plusv2") and not lora and not models.faceid_loras_for(base):
+            tag = "sdxl" if base == "SDXL" else "sd15"
+            needs.append(f"its LoRA (…_{tag}_lora.safetensors from {FACEID_DOWNLOAD}) in {_where(loc.get('loras'))}")
+        if variant in ("plus", "plusv2") and not models.vit_h:
+            other = [f"{q.name} ({_clip_width(q) or '?'} wide)" for q in models.clip_vision]
+            needs.append(f"{VIT_H} in {_where(loc.get('clip_vision'))}"
+                         + (f" (found only {', '.join(other)}, not ViT-H)" if other else ""))
         if needs:
-            rows.append(Check(f"FaceID {p.name}", WARN, f"{variant}, valid; missing companion files",
+            rows.append(Check(f"FaceID {p.name}", WARN, f"{base} {variant}, valid; missing companion files",
                               "download " + "; and ".join(needs)))
         else:
-            rows.append(Check(f"FaceID {p.name}", OK, f"{variant}{', LoRA inside' if lora else ''}"))
+            rows.append(Check(f"FaceID {p.name}", OK, f"{base} {variant}{', LoRA inside' if lora else ''}"))
     return rows
 
 
@@ -540,8 +622,10 @@ def _tensor_shapes(p: Path) -> dict:
     return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def openpose_layout(shapes: dict) -> str:
-    """``ldm`` / ``diffusers`` (ComfyUI's detection keys); raises ModelFileError naming what is wrong."""
+def openpose_layout(shapes: dict) -> tuple[str, str]:
+    """``(layout, base)``: ``ldm`` / ``diffusers`` (ComfyUI's detection keys) and ``SD1.5`` / ``SDXL`` (the width
+    of its cross-attention: 768 / 2048 — thibaud's OpenPoseXL2 and xinsir's SDXL files have diffusers keys); raises
+    ModelFileError naming what is wrong (no ControlNet keys, not an RGB hint, SD2.x or another width)."""
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         hint = shapes["controlnet_cond_embedding.conv_in.weight"]
         ctx = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
@@ -557,13 +641,23 @@ def openpose_layout(shapes: dict) -> str:
     if hint is None or len(hint) != 4 or hint[1] != 3:
         raise _model_file_error(f"the hint input takes {hint[1] if hint and len(hint) == 4 else '?'} channels, an "
                                 "OpenPose ControlNet takes an RGB image (3)")
-    if ctx is None or ctx[1] != 768:
-        raise _model_file_error(f"cross-attention width {ctx[1] if ctx else '?'}; SD1.5 ControlNets have 768 "
-                                "(SDXL: 2048)")
-    return layout
+    width = int(ctx[1]) if ctx is not None and len(ctx) == 2 else None
+    if width not in (768, 2048):
+        kind = f" ({CONTEXT_BASES[width]})" if width in CONTEXT_BASES else ""
+        raise _model_file_error(f"cross-attention width {width if width else '?'}{kind}; SD1.5 ControlNets have 768, "
+                                "SDXL ControlNets 2048")
+    if width == 2048:  # SDXL also reads the pooled text + size embedding (ADM, 2816 wide): label_emb / add_embedding
+        adm = shapes.get("add_embedding.linear_1.weight") if layout == "diffusers" else \
+            shapes.get(prefix + "label_emb.0.0.weight")
+        if adm is None or len(adm) != 2 or adm[1] != 2816:
+            raise _model_file_error("cross-attention width 2048 but no SDXL size/pooled-text embedding (2816-wide "
+                                    f"{'add_embedding.linear_1' if layout == 'diffusers' else 'label_emb.0.0'}); "
+                                    "not an SDXL ControlNet")
+    return layout, CONTEXT_BASES[width]
 
 
 def check_openpose(loc: Locations, models: Models) -> list[Check]:
+    """``*openpose*`` ControlNets: SD1.5 (control_v11p_sd15_openpose) and SDXL (thibaud OpenPoseXL2, xinsir)."""
     folders = loc.get("controlnet")
     cands = [p for p in _files(folders) if "openpose" in str(p).lower()]
     rows = []
@@ -574,41 +668,110 @@ def check_openpose(loc: Locations, models: Models) -> list[Check]:
             continue
         label = f"{p.parent.name}/{p.name}" if p.name.startswith("diffusion_pytorch_model") else p.name
         try:
-            layout = openpose_layout(_tensor_shapes(p))
+            shapes = _tensor_shapes(p)
+            if "lora_controlnet" in shapes:
+                rows.append(Check(f"OpenPose {label}", WARN, "a Control-LoRA (ComfyUI applies it onto the model it "
+                                  "runs with; its base is not checked here, and training/generate.py does not read it)",
+                                  f"for the SDXL FaceID mode use {OPENPOSE_SDXL_DOWNLOAD}"))
+                continue
+            layout, base = openpose_layout(shapes)
         except Exception as e:  # noqa: BLE001 - unreadable container or wrong model
-            rows.append(Check(f"OpenPose {label}", FAIL, f"not a usable SD1.5 ControlNet: {_first_line(e)}",
-                              f"download {OPENPOSE_DOWNLOAD} into {_where(folders)}"))
+            rows.append(Check(f"OpenPose {label}", FAIL, f"not a usable SD1.5 or SDXL ControlNet: {_first_line(e)}",
+                              f"download {OPENPOSE_DOWNLOAD} (SD1.5) or {OPENPOSE_SDXL_DOWNLOAD} into "
+                              f"{_where(folders)}"))
             continue
-        models.openpose.append(p)
-        rows.append(Check(f"OpenPose {label}", OK, f"SD1.5 ControlNet, {layout} layout"))
+        (models.openpose_sdxl if base == "SDXL" else models.openpose).append(p)
+        rows.append(Check(f"OpenPose {label}", OK, f"{base} ControlNet, {layout} layout"))
     return rows
 
 
+def checkpoint_base(p: Path) -> Optional[str]:
+    """``"SD1.5"`` / ``"SDXL"`` / another label for a single-file checkpoint, from its safetensors header: the width
+    the UNet's cross-attention reads (768 SD1.5, 1024 SD2.x, 2048 SDXL base; the SDXL refiner reads 1280) and
+    SDXL's second text encoder (``conditioner.embedders.1``). None: not a UNet checkpoint (or unreadable)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+            ctx = next((k for k in keys if k.startswith("model.diffusion_model.") and
+                        k.endswith("attn2.to_k.weight")), None)
+            width = int(f.get_slice(ctx).get_shape()[1]) if ctx else None
+    except Exception:  # noqa: BLE001 - not ours to judge; ComfyUI will say
+        return None
+    if width == 768:
+        return "SD1.5"
+    if width == 2048 and any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "SDXL"
+    if width == 1280:
+        return "SDXL refiner"
+    return CONTEXT_BASES.get(width) if width else None
+
+
 def check_bases(loc: Locations, models: Models) -> list[Check]:
+    """SD1.5 and SDXL base checkpoints in ``checkpoints`` (safetensors headers; pickles count as SD1.5 unopened)."""
     files = _files(loc.get("checkpoints"), (".safetensors", ".ckpt"))
-    sd15 = []
+    sd15, sdxl = [], []
     for p in files:
         if not p.name.endswith(".safetensors"):
             sd15.append(p)  # pickles are not opened here (slow, and ComfyUI reads them anyway)
             continue
-        try:
-            from safetensors import safe_open
-            with safe_open(str(p), framework="pt") as f:
-                k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-                if k in f.keys() and f.get_slice(k).get_shape()[1] == 768:
-                    sd15.append(p)
-        except Exception:  # noqa: BLE001 - not ours to judge; ComfyUI will say
-            continue
-    models.bases = sd15
+        base = checkpoint_base(p)
+        if base == "SD1.5":
+            sd15.append(p)
+        elif base == "SDXL":
+            sdxl.append(p)
+    models.bases, models.bases_sdxl = sd15, sdxl
+    where = _where(loc.get("checkpoints"))
+
+    def listed(ps):
+        return ", ".join(p.name for p in ps[:3]) + (" …" if len(ps) > 3 else "")
+    rows = []
     if sd15:
-        return [Check("SD1.5 checkpoint", OK, ", ".join(p.name for p in sd15[:3]) + (" …" if len(sd15) > 3 else ""))]
-    return [Check("SD1.5 checkpoint", FAIL, f"no SD1.5 model in {_where(loc.get('checkpoints'))}",
-                  "download an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) into "
-                  f"{_where(loc.get('checkpoints'))}")]
+        rows.append(Check("SD1.5 checkpoint", OK, listed(sd15)))
+    elif sdxl:  # an SDXL-only install: fine for the SDXL FaceID mode
+        rows.append(Check("SD1.5 checkpoint", WARN, f"none in {where} (InstantFamily checkpoints and the SD1.5 FaceID "
+                          "mode need one)", "download an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) "
+                          f"into {where} for those modes"))
+    else:
+        rows.append(Check("SD1.5 checkpoint", FAIL, f"no SD1.5 model in {where}",
+                          f"download an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) into {where}"))
+    sdxl_wanted = any(b == "SDXL" for _, _, b in models.faceid.values()) or bool(models.openpose_sdxl)
+    if sdxl:
+        rows.append(Check("SDXL checkpoint", OK, listed(sdxl)))
+    elif sdxl_wanted:
+        rows.append(Check("SDXL checkpoint", WARN, f"no SDXL base in {where} (the SDXL FaceID mode needs one)",
+                          f"download {SDXL_BASE_DOWNLOAD} into {where}"))
+    return rows
+
+
+def _faceid_missing(loc: Locations, models: Models, base: str) -> list[str]:
+    """What the FaceID mode of ``base`` still needs (empty: ready)."""
+    missing = []
+    files = [n for n, (_, _, b) in models.faceid.items() if b == base]
+    if not files:
+        missing.append(f"{FACEID_FILES[base]} in {_where(loc.get('ipadapter'))}")
+    elif not models.usable_faceid(base):
+        plus_only = all(models.faceid[n][0] in ("plus", "plusv2") for n in files)
+        missing.append(f"{VIT_H} for {', '.join(files)}" if plus_only and not models.vit_h else
+                       f"the companion files of the {base} FaceID rows above")
+    if not models.packs:
+        missing.append(f"face pack buffalo_l in {_where(loc.get('insightface'))}/models/")
+    if base == "SDXL":
+        if not models.openpose_sdxl:
+            missing.append(f"{OPENPOSE_SDXL_DOWNLOAD} in {_where(loc.get('controlnet'))}")
+        if not models.bases_sdxl:
+            missing.append(f"{SDXL_BASE_DOWNLOAD} in {_where(loc.get('checkpoints'))}")
+    else:
+        if not models.openpose:
+            missing.append(f"{OPENPOSE_DOWNLOAD} in {_where(loc.get('controlnet'))}")
+        if not models.bases:
+            missing.append(f"an SD1.5 checkpoint in {_where(loc.get('checkpoints'))}")
+    return missing
 
 
 def mode_rows(loc: Locations, models: Models) -> list[Check]:
-    """Which way of generating is ready; FAIL when neither is."""
+    """Which way of generating is ready — InstantFamily, public weights (FaceID) on SD1.5, on SDXL; FAIL when none
+    is."""
     rows = []
     if_missing = []
     if not models.checkpoints:
@@ -620,33 +783,27 @@ def mode_rows(loc: Locations, models: Models) -> list[Check]:
         if absent and len(absent) == len(packs):
             if_missing.append(f"face pack {' or '.join(absent)} (what the checkpoints were trained with) in "
                               f"{_where(loc.get('insightface'))}/models/")
-    fid_missing = []
-    usable = [n for n, (v, lora) in models.faceid.items()
-              if (lora or v == "portrait" or models.faceid_loras)
-              and (v not in ("plus", "plusv2") or models.clip_vision)]
-    if not models.faceid:
-        fid_missing.append(f"ip-adapter-faceid_sd15.bin or ip-adapter-faceid-plusv2_sd15.bin in "
-                           f"{_where(loc.get('ipadapter'))}")
-    elif not usable:
-        fid_missing.append("the companion files of the FaceID rows above")
+    if not models.bases:
+        if_missing.append(f"an SD1.5 checkpoint in {_where(loc.get('checkpoints'))}")
     fid_note = ""
-    if not models.packs:
-        fid_missing.append(f"face pack buffalo_l in {_where(loc.get('insightface'))}/models/")
-    elif "buffalo_l" not in models.packs:  # works, but FaceID was trained on buffalo_l's embeddings
+    if models.packs and "buffalo_l" not in models.packs:  # works, but FaceID was trained on buffalo_l's embeddings
         fid_note = (f"with face pack {sorted(models.packs)[0]}; FaceID was trained with buffalo_l: put buffalo_l in "
                     f"{_where(loc.get('insightface'))}/models/ for the identities it knows")
-    if not models.openpose:
-        fid_missing.append(f"{OPENPOSE_DOWNLOAD} in {_where(loc.get('controlnet'))}")
-    if_ready, fid_ready = not if_missing, not fid_missing
+    if_ready = not if_missing
     rows.append(Check("mode: InstantFamily", OK if if_ready else WARN,
                       "ready" if if_ready else "not ready", "" if if_ready else "needs " + "; ".join(if_missing)))
-    if fid_ready:
-        rows.append(Check("mode: public weights (FaceID)", WARN if fid_note else OK, "ready", fid_note))
-    else:
-        rows.append(Check("mode: public weights (FaceID)", WARN, "not ready", "needs " + "; ".join(fid_missing)))
-    if not (if_ready or fid_ready):
-        rows.append(Check("ready to generate", FAIL, "neither mode has all its files",
-                          "complete one of the two mode rows above"))
+    ready = [if_ready]
+    for base in BASES:
+        missing = _faceid_missing(loc, models, base)
+        name = f"mode: public weights (FaceID {base})"
+        if not missing:
+            rows.append(Check(name, WARN if fid_note else OK, "ready", fid_note))
+        else:
+            rows.append(Check(name, WARN, "not ready", "needs " + "; ".join(missing)))
+        ready.append(not missing)
+    if not any(ready):
+        rows.append(Check("ready to generate", FAIL, "no mode has all its files",
+                          "complete one of the mode rows above"))
     return rows
 
 
@@ -669,7 +826,7 @@ def run_checks(loc: Locations, tried: Iterable[str] = (), importer=importlib.imp
             ("checkpoints", lambda: check_checkpoints(loc, models)),
             ("FaceID", lambda: check_faceid(loc, models)),
             ("OpenPose ControlNet", lambda: check_openpose(loc, models)),
-            ("SD1.5", lambda: check_bases(loc, models)),
+            ("base checkpoints", lambda: check_bases(loc, models)),
             ("modes", lambda: mode_rows(loc, models)),
         ]
     rows: list[Check] = []

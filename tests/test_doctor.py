@@ -6,12 +6,18 @@ error (a real import that raises it), torch failing to import, nothing to genera
 
 Model files are generated: the tiny ONNX face packs, an InstantFamily checkpoint with a ControlNet built by
 ComfyUI's own class, an OpenPose-named ControlNet of ComfyUI's class (ComfyUI's loader reads it too), a FaceID
-Portrait file in the published key layout, and an SD1.5 checkpoint header by the published key names."""
+Portrait file in the published key layout, and an SD1.5 checkpoint header by the published key names. The SDXL
+files are shape-only: FaceID SDXL ``.bin`` files with every published key and shape (stride-0 tensors, a few kB),
+and safetensors files whose header lists the published tensors over a sparse hole (thibaud's OpenPoseXL2 FP32 and
+xinsir's FP16 ControlNet — their published byte sizes to the byte —, an SDXL base, CLIP vision encoders): the
+doctor reads keys and shapes only."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -109,7 +115,10 @@ def test_good_install_exits_0_and_both_modes_are_ready(good, capsys):
     assert rows["FaceID ip-adapter-faceid-portrait-v11_sd15.bin"]["status"] == "ok"
     assert "portrait" in rows["FaceID ip-adapter-faceid-portrait-v11_sd15.bin"]["detail"]
     assert rows["OpenPose control_v11p_sd15_openpose_tiny.safetensors"]["detail"] == "SD1.5 ControlNet, ldm layout"
-    assert rows["mode: InstantFamily"]["status"] == rows["mode: public weights (FaceID)"]["status"] == "ok"
+    assert rows["mode: InstantFamily"]["status"] == rows["mode: public weights (FaceID SD1.5)"]["status"] == "ok"
+    assert rows["mode: public weights (FaceID SDXL)"]["status"] == "warn"  # no SDXL files: said, not a failure
+    assert rows["mode: public weights (FaceID SDXL)"]["detail"] == "not ready"
+    assert "SDXL checkpoint" not in rows  # nothing SDXL in this install: no SDXL base row
     assert all(r["status"] != "FAIL" for r in rows.values())
 
 
@@ -119,10 +128,12 @@ def test_openpose_row_agrees_with_comfyuis_loader(good, tmp_path):
     d = _doctor()
     ok = good / "models" / "controlnet" / "control_v11p_sd15_openpose_tiny.safetensors"
     assert comfy.controlnet.load_controlnet(str(ok)) is not None
+    # 2048-wide text but no SDXL size/pooled-text embedding: not an SDXL ControlNet either
     _write_openpose(tmp_path / "openpose_sdxl.safetensors", context_dim=2048, channels=32)
     loc = d.Locations(good, "0.3.64", {"controlnet": [str(tmp_path)]})
     (row,) = d.check_openpose(loc, d.Models())
-    assert row.status == d.FAIL and "2048" in row.detail and "control_v11p_sd15_openpose" in row.fix
+    assert row.status == d.FAIL and "2048" in row.detail and "2816" in row.detail
+    assert "control_v11p_sd15_openpose" in row.fix and "OpenPoseXL2" in row.fix
     # a diffusers-layout folder without its config.json
     folder = tmp_path / "d" / "control_v11p_sd15_openpose"
     folder.mkdir(parents=True)
@@ -198,7 +209,7 @@ def test_faceid_files(good, tmp_path):
     folder.mkdir()
     (folder / "ip-adapter-faceid_sd15.bin").write_bytes(b"PK\x03\x04 truncated download")
     write_bin(folder / "ip-adapter-faceid-plusv2_sd15.bin", faceid_parts("plus"))
-    write_bin(folder / "ip-adapter-faceid_sdxl.bin", faceid_parts("sdxl"))
+    _write_faceid_sdxl(folder / "ip-adapter-faceid_sdxl.bin", "faceid")
     models = d.Models()
     rows = {r.name: r for r in d.check_faceid(d.Locations(good, "0.3.64", {"ipadapter": [str(folder)],
                                                                           "clip_vision": [str(tmp_path / "none")]}),
@@ -206,10 +217,11 @@ def test_faceid_files(good, tmp_path):
     assert rows["FaceID ip-adapter-faceid_sd15.bin"].status == d.FAIL
     assert "huggingface.co/h94/IP-Adapter-FaceID" in rows["FaceID ip-adapter-faceid_sd15.bin"].fix
     sdxl = rows["FaceID ip-adapter-faceid_sdxl.bin"]
-    assert sdxl.status == d.FAIL and "2048" in sdxl.detail
+    assert sdxl.status == d.OK and sdxl.detail == "SDXL faceid, LoRA inside"
     plus = rows["FaceID ip-adapter-faceid-plusv2_sd15.bin"]  # valid, but Plus needs CLIP ViT-H
-    assert plus.status == d.WARN and "plusv2" in plus.detail and "CLIP ViT-H" in plus.fix
-    assert models.faceid == {"ip-adapter-faceid-plusv2_sd15.bin": ("plusv2", True)}
+    assert plus.status == d.WARN and "SD1.5 plusv2" in plus.detail and "CLIP ViT-H" in plus.fix
+    assert models.faceid == {"ip-adapter-faceid-plusv2_sd15.bin": ("plusv2", True, "SD1.5"),
+                             "ip-adapter-faceid_sdxl.bin": ("faceid", True, "SDXL")}
 
 
 def test_two_onnxruntime_distributions(tmp_path, monkeypatch):
@@ -277,13 +289,14 @@ def test_nothing_to_generate_with(good, tmp_path, capsys, monkeypatch):
     shutil.rmtree(comfy / "models" / "ipadapter")
     rc, out = _cli(["--comfyui", str(comfy), "--quiet"], capsys)
     assert rc == 1
-    assert "ready to generate" in out and "neither mode has all its files" in out
+    assert "ready to generate" in out and "no mode has all its files" in out
     assert "InstantFamily checkpoint in" in out and "ip-adapter-faceid_sd15.bin" in out
+    assert "ip-adapter-faceid_sdxl.bin" in out and "sd_xl_base_1.0.safetensors" in out
     # FaceID with another pack than buffalo_l: ready, with the advice to add buffalo_l
     shutil.copytree(good / "models" / "ipadapter", comfy / "models" / "ipadapter")
     shutil.rmtree(comfy / "models" / "insightface" / "models" / "buffalo_l")
     rc, out = _cli(["--comfyui", str(comfy), "--quiet", "--json"], capsys)
-    row = next(r for r in json.loads(out)["rows"] if r["name"] == "mode: public weights (FaceID)")
+    row = next(r for r in json.loads(out)["rows"] if r["name"] == "mode: public weights (FaceID SD1.5)")
     assert rc == 0 and row["status"] == "warn" and row["detail"] == "ready" and "buffalo_l" in row["fix"]
     monkeypatch.setenv("COMFYUI_PATH", str(comfy))  # a wrong explicit folder is reported, never replaced
     rc, out = _cli(["--comfyui", str(tmp_path / "nowhere"), "--quiet"], capsys)
@@ -467,3 +480,248 @@ def test_yaml_folders_equal_comfyuis_own_reader(host, tmp_path, monkeypatch):
     theirs = {name: folder_paths.folder_names_and_paths[name][0] for name in names}
     ours = _doctor().extra_model_paths(path)
     assert {name: ours.get(name, []) for name in names} == theirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL: FaceID SDXL files, SDXL OpenPose ControlNets, SDXL bases, ViT-H — shape-only files by the published names
+
+SDXL_ATTN2_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10  # notes sdxl-weights.md §4
+LORA_RANK = 128
+THIBAUD_BYTES, XINSIR_BYTES = 5_004_167_829, 2_502_139_104  # published sizes (notes sdxl-weights.md §3)
+
+
+def _faceid_sdxl_shapes(variant: str) -> tuple[dict, dict]:
+    """``image_proj`` / ``ip_adapter`` key → shape of the published SDXL FaceID files (notes sdxl-weights.md §2):
+    MLP to 4 (Portrait: 16) tokens of 2048, PlusV2's perceiver (dim 2048, ViT-H 1280 in), ``to_k_ip``/``to_v_ip``
+    of the 70 attn2 (odd p), the rank-128 LoRA of all 140 processors (not Portrait)."""
+    d, tokens = 2048, 16 if variant == "portrait" else 4
+    proj = {"proj.0.weight": (1024, 512), "proj.0.bias": (1024,), "proj.2.weight": (d * tokens, 1024),
+            "proj.2.bias": (d * tokens,), "norm.weight": (d,), "norm.bias": (d,)}
+    if variant == "plusv2":
+        pr = "perceiver_resampler."
+        proj.update({pr + "proj_in.weight": (d, 1280), pr + "proj_in.bias": (d,), pr + "proj_out.weight": (d, d),
+                     pr + "proj_out.bias": (d,), pr + "norm_out.weight": (d,), pr + "norm_out.bias": (d,)})
+        for i in range(4):
+            a, f = f"{pr}layers.{i}.0.", f"{pr}layers.{i}.1."
+            proj.update({a + "norm1.weight": (d,), a + "norm1.bias": (d,), a + "norm2.weight": (d,),
+                         a + "norm2.bias": (d,), a + "to_q.weight": (d, d), a + "to_kv.weight": (2 * d, d),
+                         a + "to_out.weight": (d, d), f + "0.weight": (d,), f + "0.bias": (d,),
+                         f + "1.weight": (4 * d, d), f + "3.weight": (d, 4 * d)})
+    ip = {}
+    for p in range(140):
+        hidden = SDXL_ATTN2_WIDTHS[p // 2]
+        if p % 2:
+            ip[f"{p}.to_k_ip.weight"] = ip[f"{p}.to_v_ip.weight"] = (hidden, d)
+        if variant != "portrait":
+            kv_in = d if p % 2 else hidden
+            for t, fan_in in (("to_q", hidden), ("to_k", kv_in), ("to_v", kv_in), ("to_out", hidden)):
+                ip[f"{p}.{t}_lora.down.weight"] = (LORA_RANK, fan_in)
+                ip[f"{p}.{t}_lora.up.weight"] = (hidden, LORA_RANK)
+    return proj, ip
+
+
+def _write_faceid_sdxl(path: Path, variant: str) -> None:
+    """A FaceID SDXL ``.bin`` (nested ``image_proj``/``ip_adapter``, fp16) with every published key and shape;
+    each tensor a stride-0 view of one zero, so the file is a few kB instead of 0.75–1.5 GB."""
+    proj, ip = _faceid_sdxl_shapes(variant)
+    zero = torch.zeros((), dtype=torch.float16)
+    torch.save({"image_proj": {k: zero.expand(s) for k, s in proj.items()},
+                "ip_adapter": {k: zero.expand(s) for k, s in ip.items()}}, str(path))
+
+
+def _header_only(path: Path, shapes: dict, dtype: str = "F16", pad: bool = True) -> int:
+    """A safetensors file: the header the library writes (compact JSON, tensors by name), the data a sparse hole
+    of the declared size. Returns the file size."""
+    size = {"F16": 2, "F32": 4}[dtype]
+    header, off = {}, 0
+    for k in sorted(shapes):
+        n = math.prod(shapes[k]) * size
+        header[k] = {"dtype": dtype, "shape": list(shapes[k]), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+    return path.stat().st_size
+
+
+def _sdxl_controlnet_shapes() -> dict:
+    """diffusers' ControlNetModel from thibaud's published config.json, on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+    cfg = {"act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+           "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+           "conditioning_channels": 3, "conditioning_embedding_out_channels": [16, 32, 96, 256],
+           "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                                             "CrossAttnDownBlock2D"],
+           "in_channels": 4, "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816,
+           "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True}
+    with init_empty_weights():
+        cn = ControlNetModel(**cfg)
+    return {k: tuple(v.shape) for k, v in cn.state_dict().items()}
+
+
+SDXL_BASE_KEYS = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+                  "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                  "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+                  "conditioner.embedders.1.model.ln_final.weight": (1280,),
+                  "conditioner.embedders.1.model.text_projection": (1280, 1280)}
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(tmp_path_factory):
+    """The SDXL files of a full install, shape-only, under models/-like folder names."""
+    root = tmp_path_factory.mktemp("sdxl-models")
+    ipa = root / "ipadapter"
+    ipa.mkdir()
+    for variant, name in (("faceid", "ip-adapter-faceid_sdxl.bin"), ("plusv2", "ip-adapter-faceid-plusv2_sdxl.bin"),
+                          ("portrait", "ip-adapter-faceid-portrait_sdxl.bin")):
+        _write_faceid_sdxl(ipa / name, variant)
+    shapes = _sdxl_controlnet_shapes()
+    sizes = {"thibaud": _header_only(root / "controlnet" / "OpenPoseXL2.safetensors", shapes, "F32", pad=False),
+             "xinsir": _header_only(root / "controlnet" / "controlnet-openpose-sdxl-1.0" /
+                                    "diffusion_pytorch_model.safetensors", shapes, "F16")}
+    (root / "controlnet" / "controlnet-openpose-sdxl-1.0" / "config.json").write_text("{}")
+    _header_only(root / "checkpoints" / "sd_xl_base_1.0.safetensors", SDXL_BASE_KEYS)
+    _header_only(root / "checkpoints" / "sd_xl_refiner_1.0.safetensors",
+                 {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
+                  "conditioner.embedders.0.model.ln_final.weight": (1280,)})
+    _header_only(root / "clip_vision_h" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                 {"vision_model.embeddings.patch_embedding.weight": (1280, 3, 14, 14)})
+    _header_only(root / "clip_vision_g" / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+                 {"vision_model.embeddings.patch_embedding.weight": (1664, 3, 14, 14)})
+    return root, sizes
+
+
+def _sdxl_install(good, tmp_path, sdxl_files, *, base=True, openpose=True, faceid=("faceid", "plusv2", "portrait"),
+                  clip=None) -> Path:
+    root, _ = sdxl_files
+    comfy = tmp_path / "ComfyUI"
+    shutil.copytree(good, comfy, symlinks=True)
+    m = comfy / "models"
+    names = {"faceid": "ip-adapter-faceid_sdxl.bin", "plusv2": "ip-adapter-faceid-plusv2_sdxl.bin",
+             "portrait": "ip-adapter-faceid-portrait_sdxl.bin"}
+    for v in faceid:
+        (m / "ipadapter" / names[v]).symlink_to(root / "ipadapter" / names[v])
+    if openpose:
+        (m / "controlnet" / "OpenPoseXL2.safetensors").symlink_to(root / "controlnet" / "OpenPoseXL2.safetensors")
+        (m / "controlnet" / "controlnet-openpose-sdxl-1.0").symlink_to(root / "controlnet" /
+                                                                       "controlnet-openpose-sdxl-1.0")
+    if base:
+        (m / "checkpoints" / "sd_xl_base_1.0.safetensors").symlink_to(root / "checkpoints" /
+                                                                      "sd_xl_base_1.0.safetensors")
+    (m / "checkpoints" / "sd_xl_refiner_1.0.safetensors").symlink_to(root / "checkpoints" /
+                                                                     "sd_xl_refiner_1.0.safetensors")
+    if clip:
+        (m / "clip_vision").mkdir(exist_ok=True)
+        for f in (root / f"clip_vision_{clip}").iterdir():
+            (m / "clip_vision" / f.name).symlink_to(f)
+    return comfy
+
+
+def _json_rows(comfy, capsys):
+    rc, out = _cli(["--comfyui", str(comfy), "--quiet", "--json"], capsys)
+    return rc, {r["name"]: r for r in json.loads(out)["rows"]}
+
+
+def test_sdxl_files_are_recognised_and_the_sdxl_mode_is_ready(good, tmp_path, sdxl_files, capsys):
+    """Each SDXL FaceID file with its base and variant, thibaud's FP32 and xinsir's FP16 ControlNets as SDXL
+    (diffusers keys), the SDXL base (not the refiner); 'FaceID SDXL: ready' next to the SD1.5 rows."""
+    _, sizes = sdxl_files
+    assert sizes == {"thibaud": THIBAUD_BYTES, "xinsir": XINSIR_BYTES}  # the published layouts, to the byte
+    comfy = _sdxl_install(good, tmp_path, sdxl_files, clip="h")
+    rc, rows = _json_rows(comfy, capsys)
+    assert rc == 0
+    assert rows["FaceID ip-adapter-faceid_sdxl.bin"] == {
+        "name": "FaceID ip-adapter-faceid_sdxl.bin", "status": "ok", "detail": "SDXL faceid, LoRA inside", "fix": ""}
+    assert rows["FaceID ip-adapter-faceid-plusv2_sdxl.bin"]["detail"] == "SDXL plusv2, LoRA inside"
+    assert rows["FaceID ip-adapter-faceid-portrait_sdxl.bin"]["detail"] == "SDXL portrait"
+    assert rows["FaceID ip-adapter-faceid-portrait-v11_sd15.bin"]["detail"] == "SD1.5 portrait"
+    assert rows["OpenPose OpenPoseXL2.safetensors"]["detail"] == "SDXL ControlNet, diffusers layout"
+    xinsir = rows["OpenPose controlnet-openpose-sdxl-1.0/diffusion_pytorch_model.safetensors"]
+    assert xinsir["status"] == "ok" and xinsir["detail"] == "SDXL ControlNet, diffusers layout"
+    assert rows["OpenPose control_v11p_sd15_openpose_tiny.safetensors"]["detail"] == "SD1.5 ControlNet, ldm layout"
+    assert rows["SDXL checkpoint"] == {"name": "SDXL checkpoint", "status": "ok",
+                                       "detail": "sd_xl_base_1.0.safetensors", "fix": ""}
+    assert rows["SD1.5 checkpoint"]["detail"] == "v1-5-tiny.safetensors"  # the refiner is neither
+    sdxl = rows["mode: public weights (FaceID SDXL)"]
+    assert sdxl == {"name": "mode: public weights (FaceID SDXL)", "status": "ok", "detail": "ready", "fix": ""}
+    assert rows["mode: public weights (FaceID SD1.5)"]["status"] == rows["mode: InstantFamily"]["status"] == "ok"
+    rc, out = _cli(["--comfyui", str(comfy), "--quiet"], capsys)
+    line = next(ln for ln in out.splitlines() if ln.startswith("mode: public weights (FaceID SDXL)"))
+    assert line.split()[-2:] == ["ok", "ready"]
+
+
+@pytest.mark.parametrize("missing", ["base", "openpose", "vit-h", "vit-h (bigG only)", "lora"])
+def test_sdxl_mode_says_what_is_missing(good, tmp_path, sdxl_files, capsys, missing):
+    """Without an SDXL base, an SDXL OpenPose ControlNet, or (only PlusV2 present) a ViT-H image encoder, the SDXL
+    mode row is 'not ready' and names the file to get; the SD1.5 modes stay ready (exit 0)."""
+    kw = {"base": {"base": False}, "openpose": {"openpose": False},
+          "vit-h": {"faceid": ("plusv2",)}, "vit-h (bigG only)": {"faceid": ("plusv2",), "clip": "g"},
+          "lora": {"faceid": ()}}[missing]
+    comfy = _sdxl_install(good, tmp_path, sdxl_files, **kw)
+    if missing == "lora":  # the FaceID SDXL file without its embedded LoRA and no companion LoRA file
+        proj, ip = _faceid_sdxl_shapes("faceid")
+        zero = torch.zeros((), dtype=torch.float16)
+        torch.save({"image_proj": {k: zero.expand(s) for k, s in proj.items()},
+                    "ip_adapter": {k: zero.expand(s) for k, s in ip.items() if "_lora." not in k}},
+                   str(comfy / "models" / "ipadapter" / "ip-adapter-faceid_sdxl.bin"))
+    rc, rows = _json_rows(comfy, capsys)
+    row = rows["mode: public weights (FaceID SDXL)"]
+    assert rc == 0 and row["status"] == "warn" and row["detail"] == "not ready", row
+    want = {"base": "sd_xl_base_1.0.safetensors", "openpose": "OpenPoseXL2.safetensors",
+            "vit-h": "CLIP ViT-H-14", "vit-h (bigG only)": "CLIP ViT-H-14", "lora": "companion files"}[missing]
+    assert want in row["fix"], row
+    if missing == "base":
+        assert rows["SDXL checkpoint"]["status"] == "warn" and "sd_xl_base_1.0" in rows["SDXL checkpoint"]["fix"]
+    if missing.startswith("vit-h"):
+        plus = rows["FaceID ip-adapter-faceid-plusv2_sdxl.bin"]
+        assert plus["status"] == "warn" and "CLIP ViT-H-14" in plus["fix"]
+        if "bigG" in missing:
+            assert "found only CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors (1664 wide), not ViT-H" in plus["fix"]
+    if missing == "lora":
+        assert "_sdxl_lora.safetensors" in rows["FaceID ip-adapter-faceid_sdxl.bin"]["fix"]
+    assert rows["mode: public weights (FaceID SD1.5)"]["status"] == "ok"
+
+
+def test_sdxl_only_install(good, tmp_path, sdxl_files, capsys):
+    """Only SDXL models (no SD1.5 checkpoint, no SD1.5 FaceID or ControlNet): the SDXL FaceID mode is ready, the
+    missing SD1.5 checkpoint is a warning, and the doctor exits 0."""
+    comfy = _sdxl_install(good, tmp_path, sdxl_files, faceid=("faceid",))
+    m = comfy / "models"
+    for f in ("checkpoints/v1-5-tiny.safetensors", "ipadapter/ip-adapter-faceid-portrait-v11_sd15.bin",
+              "controlnet/control_v11p_sd15_openpose_tiny.safetensors"):
+        (m / f).unlink()
+    shutil.rmtree(m / "instantfamily")
+    rc, rows = _json_rows(comfy, capsys)
+    assert rc == 0
+    assert rows["SD1.5 checkpoint"]["status"] == "warn" and "SD1.5 FaceID" in rows["SD1.5 checkpoint"]["detail"]
+    assert rows["mode: public weights (FaceID SDXL)"]["detail"] == "ready"
+    for name in ("mode: InstantFamily", "mode: public weights (FaceID SD1.5)"):
+        assert rows[name]["detail"] == "not ready" and "SD1.5 checkpoint" in rows[name]["fix"]
+    assert "ready to generate" not in rows
+
+
+def test_openpose_layout_tells_sdxl_from_sd15(sdxl_files):
+    from instantfamily_core.errors import ModelFileError
+    d = _doctor()
+    shapes = _sdxl_controlnet_shapes()
+    assert d.openpose_layout(shapes) == ("diffusers", "SDXL")
+    ldm = {"control_model.zero_convs.0.0.weight": (320, 320, 1, 1), "control_model.input_hint_block.0.weight":
+           (16, 3, 3, 3), "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)}
+    assert d.openpose_layout(ldm) == ("ldm", "SD1.5")
+    sdxl_ldm = {**ldm, "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+                "control_model.label_emb.0.0.weight": (1280, 2816)}
+    assert d.openpose_layout(sdxl_ldm) == ("ldm", "SDXL")
+    sd2 = {**ldm, "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}
+    with pytest.raises(ModelFileError, match=r"1024 \(SD2.x\)"):
+        d.openpose_layout(sd2)
+    no_adm = {k: v for k, v in shapes.items() if not k.startswith("add_embedding.")}
+    with pytest.raises(ModelFileError, match="2816"):
+        d.openpose_layout(no_adm)
+    root, _ = sdxl_files
+    assert d.checkpoint_base(root / "checkpoints" / "sd_xl_base_1.0.safetensors") == "SDXL"
+    assert d.checkpoint_base(root / "checkpoints" / "sd_xl_refiner_1.0.safetensors") == "SDXL refiner"

@@ -5,8 +5,10 @@
 
 Run it with the Python that runs ComfyUI. ComfyUI is found via --comfyui, $COMFYUI_PATH, this pack sitting in
 ComfyUI/custom_nodes, or ~/comfy/ComfyUI; model folders are ComfyUI's defaults plus extra_model_paths.yaml.
-Prints one row per check (ok / warn / FAIL, with the fix under each problem); exits 0 when everything needed is
-there, 1 otherwise. The *InstantFamily Doctor* node shows the same report inside ComfyUI.
+Prints one row per check (ok / warn / FAIL, with the fix under each problem) — the SD1.5 and SDXL model files
+(FaceID, OpenPose ControlNets, base checkpoints, CLIP ViT-H) included — and which modes are ready (InstantFamily,
+public weights on SD1.5, on SDXL); exits 0 when everything needed is there, 1 otherwise. The *InstantFamily
+Doctor* node shows the same report inside ComfyUI.
 """
 
 from __future__ import annotations

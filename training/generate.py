@@ -1,10 +1,22 @@
 #!/usr/bin/env python
-"""Generate images for an evaluation cases file with an InstantFamily checkpoint (and optionally score them).
+"""Generate images for an evaluation cases file with an InstantFamily checkpoint or the public FaceID weights
+(and optionally score them).
 
     python training/generate.py --cases cases.json --checkpoint instantfamily.safetensors \
         --base models/checkpoints/v1-5-pruned-emaonly.safetensors --face-root ComfyUI/models/insightface \
         --out outputs/ckpt-5000 [--seeds 4] [--steps 30] [--cfg 5.0] [--batch-size 4] \
         [--recognizer dlib]          # then runs evaluate.py on the images: outputs/ckpt-5000/eval/summary.md
+
+    python training/generate.py --cases cases.json --faceid models/ipadapter/ip-adapter-faceid_sdxl.bin \
+        --base models/checkpoints/sd_xl_base_1.0.safetensors \
+        --controlnet models/controlnet/OpenPoseXL2.safetensors --face-root ComfyUI/models/insightface \
+        --out outputs/faceid-sdxl --width 1024 --height 1024 [--recognizer dlib]
+
+The FaceID mode (``--faceid``, SD1.5 or SDXL; :mod:`training.faceid`) is *Apply InstantFamily FaceID*: identities
+encoded with buffalo_l (``--face-pack``), each person's FaceID tokens acting only inside their face mask in every
+cross-attention of the UNet, the file's LoRA merged at ``--lora-strength`` (1), the unconditional tokens on the
+uncond half of the CFG batch, and an optional stock OpenPose ControlNet (``--controlnet``) reading the skeleton-only
+pose image (Pose to Masks' "OpenPose" control style). Plus files need CLIP ViT-H/14 (``--clip-vision``).
 
 Per case (the evaluation CLI's cases format, ``training/evaluation/cases.py``) and seed it writes
 ``<out>/<case id>_<seed>.png`` — the names ``evaluate.py`` reads. Existing images are kept, so an interrupted run
@@ -38,17 +50,20 @@ if not __package__:  # run as a file, not as python -m training.generate
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from instantfamily_core.errors import CheckpointError, InstantFamilyError, OptionError  # noqa: E402
+from instantfamily_core.errors import (CheckpointError, EmbeddingError, InstantFamilyError,  # noqa: E402
+                                        ModelFileError, OptionError)
 from instantfamily_core.fileio import atomic_path  # noqa: E402
 from instantfamily_core.masks import boxes_to_masks  # noqa: E402
 from instantfamily_core.pose import DEFAULT_MARGIN, PoseFrame, assign_slots, parse_pose, person_for_box  # noqa: E402
-from instantfamily_core.render import draw_control_image  # noqa: E402
+from instantfamily_core.render import draw_control_image, draw_openpose_image  # noqa: E402
 from training.evaluation.cases import Case, load_cases, load_rgb  # noqa: E402
 from training.errors import GenerateError  # noqa: E402
 
 TEMPLATES_DIR = Path(os.path.abspath(__file__)).parents[1] / "pose_templates"
 MANIFEST = "generate.json"
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CONTROL_STYLES = ("instantfamily", "openpose")
+FACEID_PACK = "buffalo_l"  # the face pack the FaceID weights were trained on
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,8 +158,10 @@ def pose_from_boxes(boxes: Sequence[Sequence[float]], width: int, height: int, m
     return parse_pose({"canvas_width": width, "canvas_height": height, "people": people}, name="slot boxes")
 
 
-def case_layout(case: Case, width: int, height: int) -> CaseLayout:
-    """Masks and control image of a case on a ``width×height`` canvas.
+def case_layout(case: Case, width: int, height: int, control: str = "instantfamily") -> CaseLayout:
+    """Masks and control image of a case on a ``width×height`` canvas; ``control`` = ``"instantfamily"`` (skeletons
+    + slot circles, for an InstantFamily checkpoint's ControlNet) or ``"openpose"`` (skeletons and face dots only,
+    for a stock OpenPose ControlNet: Pose to Masks' "OpenPose" control style).
 
     * ``slots.pose``: the pose scaled to the canvas, slots by ``identity_order`` (else left to right) with the
       case's margin — exactly *Pose to Masks* with that POSE_KEYPOINT;
@@ -153,21 +170,24 @@ def case_layout(case: Case, width: int, height: int) -> CaseLayout:
     * no ``slots``: the bundled template ``family_<N>`` (left to right, margin 0.25), as in the 4- and 7-identity
       workflows. Without slots ``evaluate.py`` does not judge placement.
     """
+    if control not in CONTROL_STYLES:
+        raise OptionError(f"control: expected one of {CONTROL_STYLES}, got {control!r}")
+    draw = draw_control_image if control == "instantfamily" else (lambda a: draw_openpose_image(a.frame))
     n = len(case.identities)
     slots = case.slots
     if slots is not None and slots.pose is not None:
         frame = slots.pose.scaled(width, height)
         assigned = assign_slots(frame, n, slots.identity_order, slots.margin, name=f"case {case.id!r} pose")
-        return CaseLayout(assigned.masks(), draw_control_image(assigned), f"pose {slots.source}")
+        return CaseLayout(assigned.masks(), draw(assigned), f"pose {slots.source}")
     if slots is not None:
         boxes = slots.boxes_for(width, height, n)
         frame = pose_from_boxes(boxes, width, height, DEFAULT_MARGIN)
         assigned = assign_slots(frame, n, list(range(n)), DEFAULT_MARGIN, name=f"case {case.id!r} boxes")
-        return CaseLayout(boxes_to_masks(boxes, height, width), draw_control_image(assigned), "boxes")
+        return CaseLayout(boxes_to_masks(boxes, height, width), draw(assigned), "boxes")
     path = template_path(n)
     frame = parse_pose(path.read_text(encoding="utf-8"), name=str(path)).scaled(width, height)
     assigned = assign_slots(frame, n, None, DEFAULT_MARGIN, name=path.name)
-    return CaseLayout(assigned.masks(), draw_control_image(assigned), f"template {path.name}")
+    return CaseLayout(assigned.masks(), draw(assigned), f"template {path.name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,15 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--cases", required=True, help="cases file (.json or .jsonl) in the evaluation CLI's format")
-    p.add_argument("--checkpoint", required=True,
-                   help="exported InstantFamily .safetensors, a train.py checkpoints/step-N folder, or a run folder "
-                        "(its newest checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="InstantFamily mode: exported InstantFamily .safetensors, a train.py checkpoints/step-N "
+                        "folder, or a run folder (its newest checkpoint)")
     p.add_argument("--ema", action="store_true", help="with a training folder: use its EMA weights")
-    p.add_argument("--base", required=True, help="SD1.5 single-file checkpoint or diffusers folder")
+    p.add_argument("--faceid", default=None,
+                   help="FaceID mode (public weights) instead of --checkpoint: an IP-Adapter-FaceID file, "
+                        "ip-adapter-faceid[-plusv2|-portrait…]_sd15.bin or …_sdxl.bin (the base must match)")
+    p.add_argument("--controlnet", default=None,
+                   help="FaceID mode: a stock OpenPose ControlNet of the base (SD1.5: control_v11p_sd15_openpose "
+                        ".pth/.safetensors; SDXL: thibaud OpenPoseXL2.safetensors or xinsir "
+                        "diffusion_pytorch_model.safetensors; or a diffusers folder); none = no pose control")
+    p.add_argument("--controlnet-strength", type=float, default=1.0, help="FaceID mode: ControlNet strength")
+    p.add_argument("--clip-vision", default=None,
+                   help="FaceID Plus: CLIP ViT-H/14 (ComfyUI's clip_vision CLIP-ViT-H-14-laion2B-s32B-b79K"
+                        ".safetensors, or a transformers folder such as h94/IP-Adapter models/image_encoder)")
+    p.add_argument("--plus-version", default="auto", choices=["auto", "v1", "v2"],
+                   help="FaceID Plus: v2 (x + s·perceiver) or v1; auto = v2 when the file name contains 'plusv2'")
+    p.add_argument("--faceid-weight", type=float, default=1.0,
+                   help="FaceID mode: identity scale (the reference's set_scale; 1 = as trained)")
+    p.add_argument("--lora-strength", type=float, default=1.0,
+                   help="FaceID mode: strength of the file's embedded LoRA on the UNet (trained at 1)")
+    p.add_argument("--s-scale", type=float, default=1.0, help="FaceID Plus v2: weight of the CLIP (perceiver) part")
+    p.add_argument("--base", required=True,
+                   help="SD1.5 single-file checkpoint or diffusers folder (FaceID mode: SD1.5 or SDXL, e.g. "
+                        "sd_xl_base_1.0.safetensors)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (see train.py)")
-    p.add_argument("--config-dir", default=None, help="SD1.5 config folder for single files (default: shipped)")
+    p.add_argument("--config-dir", default=None,
+                   help="config folder for single files (default: the shipped training/configs/sd15 or /sdxl)")
     p.add_argument("--face-root", required=True, help="insightface root (ComfyUI/models/insightface)")
-    p.add_argument("--face-pack", default=None, help="face pack (default: the checkpoint's face_pack)")
+    p.add_argument("--face-pack", default=None,
+                   help=f"face pack (default: the checkpoint's face_pack; FaceID mode: {FACEID_PACK})")
     p.add_argument("--provider", default="auto", help="onnxruntime provider for face analysis: auto|CPU|CUDA|…")
     p.add_argument("--det-size", type=int, default=640, help="face detector size (the loader node's det_size)")
     p.add_argument("--out", required=True, help="output folder for <case id>_<seed>.png")
@@ -250,6 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    if bool(args.checkpoint) == bool(args.faceid):
+        raise OptionError("--checkpoint / --faceid: give exactly one (--checkpoint: an InstantFamily checkpoint; "
+                          "--faceid: the public IP-Adapter-FaceID weights)")
+    if args.faceid:
+        if args.ema:
+            raise OptionError("--ema: applies to an InstantFamily training folder (--checkpoint), not to --faceid")
+        if args.mask_mode != "checkpoint":
+            raise OptionError("--mask-mode: applies to an InstantFamily checkpoint; the FaceID mode adds each "
+                              "person's term inside their mask (no mask modes)")
+        for name, lo in (("faceid_weight", 0.0), ("controlnet_strength", 0.0), ("s_scale", 0.0)):
+            v = getattr(args, name)
+            if not math.isfinite(v) or v < lo:
+                raise OptionError(f"--{name.replace('_', '-')}: expected a finite number ≥ {lo:g}, got {v}")
+        if not math.isfinite(args.lora_strength):
+            raise OptionError(f"--lora-strength: expected a finite number, got {args.lora_strength}")
+        for name in ("faceid", "controlnet", "clip_vision"):
+            v = getattr(args, name)
+            if v and not Path(v).exists():
+                raise ModelFileError(f"--{name.replace('_', '-')}: {v} does not exist")
+    else:
+        for name in ("controlnet", "clip_vision"):
+            if getattr(args, name):
+                raise OptionError(f"--{name.replace('_', '-')}: applies to the FaceID mode (--faceid); an "
+                                  "InstantFamily checkpoint brings its own ControlNet")
     for name, lo in (("seeds", 1), ("steps", 1), ("batch_size", 1), ("det_size", 64)):
         if getattr(args, name) < lo:
             raise OptionError(f"--{name.replace('_', '-')}: expected ≥ {lo}, got {getattr(args, name)}")
@@ -411,15 +477,9 @@ def run(args) -> int:
     from training.sd15 import load_base
 
     _check_args(args)
-    cases = load_cases(args.cases)
-    out = Path(args.out)
-    seeds = [args.seed + k for k in range(args.seeds)]
-    jobs = plan_jobs(cases, out, seeds)
-    if args.recognizer:
-        listed = [c.id for c in cases if c.images]
-        if listed:
-            raise GenerateError(f"cases {listed} list their own 'images', which evaluate.py would read instead of "
-                                "the generated ones; remove 'images' from those cases to evaluate this run")
+    if args.faceid:
+        return run_faceid(args)
+    cases, out, seeds, jobs = _plan(args)
     device, dtype = _device_dtype(args)
     with tempfile.TemporaryDirectory(prefix="instantfamily-generate-") as work:
         ckpt_file = resolve_checkpoint(args.checkpoint, args.ema, work)
@@ -465,16 +525,251 @@ def run(args) -> int:
             bar.update(len(batch))
         bar.close()
         print(f"wrote {len(todo)} images to {out}", file=sys.stderr)
+    return _evaluate(args, out)
+
+
+def _plan(args):
+    """``(cases, out, seeds, jobs)`` of a run; a cases file that lists its own images cannot be evaluated."""
+    cases = load_cases(args.cases)
+    out = Path(args.out)
+    seeds = [args.seed + k for k in range(args.seeds)]
+    jobs = plan_jobs(cases, out, seeds)
     if args.recognizer:
-        from training import evaluate
-        argv = ["--cases", args.cases, "--images", str(out), "--out", str(out / "eval"),
-                "--recognizer", args.recognizer, "--label", args.label or out.name]
-        if args.clip_model:
-            argv += ["--clip-model", args.clip_model]
-        if args.no_progress:
-            argv.append("--no-progress")
-        return evaluate.main(argv)
-    return 0
+        listed = [c.id for c in cases if c.images]
+        if listed:
+            raise GenerateError(f"cases {listed} list their own 'images', which evaluate.py would read instead of "
+                                "the generated ones; remove 'images' from those cases to evaluate this run")
+    return cases, out, seeds, jobs
+
+
+def _evaluate(args, out: Path) -> int:
+    if not args.recognizer:
+        return 0
+    from training import evaluate
+    argv = ["--cases", args.cases, "--images", str(out), "--out", str(out / "eval"),
+            "--recognizer", args.recognizer, "--label", args.label or out.name]
+    if args.clip_model:
+        argv += ["--clip-model", args.clip_model]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return evaluate.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FaceID mode (public weights): training/faceid.py on an SD1.5 or SDXL base
+
+def load_any_base(path, tokenizer: Optional[str], config_dir: Optional[str], dtype: torch.dtype):
+    """``(kind, components)`` of an SD1.5 (:mod:`training.sd15`) or SDXL (:mod:`training.sdxl`) base."""
+    from training import sd15, sdxl
+    kind = sdxl.base_kind(path)
+    if kind == "SDXL":
+        return kind, sdxl.load_sdxl(path, tokenizer, config_dir, dtype)
+    return kind, sd15.load_base(path, tokenizer, config_dir, dtype)
+
+
+class FaceIDGenerator:
+    """The loaded models of a FaceID run: the base's UNet with the FaceID LoRA merged and the FaceID processors
+    installed, its text encoder(s) and VAE, an optional OpenPose ControlNet. :meth:`latents` samples like
+    ComfyUI's KSampler (euler, simple) with *Apply InstantFamily FaceID* on the model and *ControlNetApplyAdvanced*
+    on both conditionings."""
+
+    def __init__(self, kind: str, comps, weights, topology, controlnet, device, dtype, weight: float = 1.0,
+                 lora_strength: float = 1.0, controlnet_strength: float = 1.0):
+        from training import faceid as fid
+        self.kind, self.comps, self.weights, self.topology = kind, comps, weights, topology
+        self.controlnet, self.device, self.dtype = controlnet, device, dtype
+        self.weight, self.controlnet_strength = float(weight), float(controlnet_strength)
+        self.scheduler_config = comps.scheduler_config
+        fid.merge_lora(comps.unet, weights, topology, lora_strength)
+        fid.install_faceid(comps.unet, weights, topology)
+        encoders = [comps.text_encoder] + ([comps.text_encoder_2] if kind == "SDXL" else [])
+        for m in [comps.unet, *encoders] + ([controlnet] if controlnet is not None else []):
+            _move(m, device, dtype)
+        upcast = dtype == torch.float16 and bool(comps.vae.config.get("force_upcast", False))
+        _move(comps.vae, device, torch.float32 if upcast else dtype)  # SDXL's VAE overflows in fp16
+        self.vae_factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        self._text: dict = {}
+
+    def text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(context (B, 77, D), pooled (B, 1280) or None)`` (SD1.5: CLIP's last hidden state; SDXL: both
+        encoders' penultimate states and the pooled projection)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if missing:
+            if self.kind == "SDXL":
+                from training.sdxl import encode_prompts
+                ctx, pooled = encode_prompts(self.comps, missing, self.device)
+            else:
+                from training.model import encode_text
+                ctx, pooled = encode_text(self.comps.text_encoder, self.comps.tokenizer, missing, self.device), None
+            for i, p in enumerate(missing):
+                self._text[p] = (ctx[i], None if pooled is None else pooled[i])
+        ctx = torch.stack([self._text[p][0] for p in prompts]).to(self.dtype)
+        pooled = None if self.kind != "SDXL" else torch.stack([self._text[p][1] for p in prompts]).to(self.dtype)
+        return ctx, pooled
+
+    @torch.no_grad()
+    def latents(self, prompts: Sequence[str], negative: str, tokens: Sequence[torch.Tensor],
+                uncond: Sequence[torch.Tensor], key_valid: Optional[torch.Tensor], masks: Sequence[torch.Tensor],
+                controls: Sequence[np.ndarray], seeds: Sequence[int], steps: int, cfg: float) -> torch.Tensor:
+        """Latents ``(B, 4, h, w)`` of B images: row i has people's tokens ``tokens[i]`` / ``uncond[i]`` ``(N, T, d)``
+        (slot order; ``key_valid`` ``(N, T)`` shared by the batch), masks ``masks[i]`` ``(N, H, W)``, pose image
+        ``controls[i]`` and seed ``seeds[i]``."""
+        from training.faceid import FaceIDContext
+        from training.model import control_tensor
+        b = len(prompts)
+        if len({tuple(t.shape) for t in tokens} | {tuple(u.shape) for u in uncond}) != 1:
+            raise GenerateError("a FaceID batch needs the same people and tokens per row")
+        h, w = controls[0].shape[:2]
+        shape = (self.comps.unet.config.in_channels, h // self.vae_factor, w // self.vae_factor)
+        noise = seed_noise(seeds, shape)
+        ctx_c, pool_c = self.text(list(prompts))
+        ctx_u, pool_u = self.text([negative] * b)
+        ctx = torch.cat([ctx_u, ctx_c])
+        added = None
+        if self.kind == "SDXL":
+            from training.sdxl import time_ids
+            added = {"text_embeds": torch.cat([pool_u, pool_c]),
+                     "time_ids": time_ids(h, w, 2 * b).to(self.device, self.dtype)}
+        rows = torch.stack(list(masks)).float()
+        n = rows.shape[1]
+        state = FaceIDContext(torch.cat([torch.stack(list(uncond)), torch.stack(list(tokens))]).to(self.device),
+                              torch.cat([rows, rows]).to(self.device), torch.full((n,), self.weight),
+                              (shape[1], shape[2]), key_valid)
+        control = None
+        if self.controlnet is not None:
+            c = control_tensor(controls).to(self.device, self.dtype)
+            control = torch.cat([c, c])
+        scheduler = EulerSimpleScheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
+        unet = self.comps.unet
+        for t in scheduler.timesteps:
+            inp = torch.cat([latents, latents])
+            down = mid = None
+            if control is not None:
+                down, mid = self.controlnet(inp, t, encoder_hidden_states=ctx, controlnet_cond=control,
+                                            conditioning_scale=self.controlnet_strength, added_cond_kwargs=added,
+                                            return_dict=False)
+            eps = unet(inp, t, encoder_hidden_states=ctx, added_cond_kwargs=added,
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                       cross_attention_kwargs=state.as_kwargs(), return_dict=False)[0]
+            e_uncond, e_cond = eps.chunk(2)
+            latents = scheduler.step(e_uncond + cfg * (e_cond - e_uncond), t, latents).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> np.ndarray:
+        return decode(self.comps.vae, latents)
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """``module`` to ``device`` and ``dtype``, casting only when a tensor has another dtype (diffusers warns on
+    every ``.to(dtype=…)``)."""
+    if any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
+        module.to(dtype=dtype)
+    module.to(device=device)
+
+
+def _file_sha256(path, limit: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:limit]
+
+
+def _where(path) -> Optional[str]:
+    if not path:
+        return None
+    p = Path(path).resolve()
+    return f"{p} ({p.stat().st_size} B)" if p.is_file() else str(p)
+
+
+def faceid_settings(args, kind: str, dtype: torch.dtype) -> dict:
+    return {"mode": "faceid", "faceid_sha256_16": _file_sha256(args.faceid), "faceid": Path(args.faceid).name,
+            "base": str(Path(args.base).resolve()), "base_kind": kind, "controlnet": _where(args.controlnet),
+            "controlnet_strength": args.controlnet_strength, "clip_vision": _where(args.clip_vision),
+            "plus_version": args.plus_version, "faceid_weight": args.faceid_weight,
+            "lora_strength": args.lora_strength, "s_scale": args.s_scale, "steps": args.steps, "cfg": args.cfg,
+            "negative": args.negative, "width": args.width, "height": args.height, "face_pack": args.face_pack,
+            "det_size": args.det_size, "sampler": "euler", "scheduler": "simple",
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+PLUS_VERSION_ARG = {"auto": "auto (file name)", "v1": "v1", "v2": "v2"}
+
+
+def run_faceid(args) -> int:
+    """The FaceID mode of :func:`run` (``--faceid``)."""
+    from tqdm import tqdm
+
+    from instantfamily_core.faces import get_analyzer
+    from instantfamily_core.faceid import FaceIDProjection
+    from training import faceid as fid
+    from training import sdxl
+
+    cases, out, seeds, jobs = _plan(args)
+    device, dtype = _device_dtype(args)
+    args.face_pack = args.face_pack or FACEID_PACK
+    # cheap checks first: the file and the base belong together, Plus has its CLIP model
+    kind = sdxl.base_kind(args.base)
+    file = fid.read_faceid(args.faceid)
+    fid.check_faceid_base(file, 2048 if kind == "SDXL" else 768, Path(args.base).name)
+    if file.is_plus and not args.clip_vision:
+        raise EmbeddingError(f"--clip-vision: {file.name} is FaceID Plus; it needs CLIP ViT-H/14 "
+                             "(CLIP-ViT-H-14-laion2B-s32B-b79K) for the face crops")
+    if args.clip_vision and not file.is_plus:
+        raise OptionError(f"--clip-vision: {file.name} is not a FaceID Plus file; only Plus reads CLIP features")
+    settings = faceid_settings(args, kind, dtype)
+    recorded = check_manifest(out, settings)
+    todo = [j for j in jobs if not j.path.is_file()]
+    print(f"{len(jobs)} images ({len(cases)} cases × {len(seeds)} seeds): {len(jobs) - len(todo)} already in {out}, "
+          f"{len(todo)} to generate", file=sys.stderr)
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, settings, recorded)
+        analyzer = get_analyzer(args.face_root, args.face_pack, args.provider, args.det_size)
+        layouts, identities = {}, {}
+        for case in tqdm(list({j.case.id: j.case for j in todo}.values()), desc="identities", unit="case",
+                         disable=args.no_progress):
+            layouts[case.id] = case_layout(case, args.width, args.height, control="openpose")
+            identities[case.id] = encode_identities(analyzer, case)
+        kind, comps = load_any_base(args.base, args.tokenizer, args.config_dir, dtype)
+        topology = fid.diffusers_topology(comps.unet)
+        weights = fid.validate_for(file, topology, Path(args.base).name, PLUS_VERSION_ARG[args.plus_version])
+        del file
+        projection = FaceIDProjection.from_weights(weights)
+        clip_model = fid.load_clip_vision(args.clip_vision).to(device) if weights.is_plus else None
+        tokens = {cid: fid.case_tokens(projection, weights, ids, clip_model, args.s_scale)
+                  for cid, ids in identities.items()}
+        del clip_model
+        controlnet = fid.load_openpose_controlnet(args.controlnet, comps.unet, Path(args.base).name, dtype) \
+            if args.controlnet else None
+        gen = FaceIDGenerator(kind, comps, weights, topology, controlnet, device, dtype, args.faceid_weight,
+                              args.lora_strength, args.controlnet_strength)
+        # one batch = one token layout (people, tokens per person), case order kept inside
+        key = {cid: fid.layout_key(t[2], t[0]) for cid, t in tokens.items()}
+        order = list(dict.fromkeys(key.values()))
+        todo.sort(key=lambda j: order.index(key[j.case.id]))
+        bar = tqdm(total=len(todo), desc="generate", unit="img", disable=args.no_progress)
+        i = 0
+        while i < len(todo):
+            k = key[todo[i].case.id]
+            batch = [j for j in todo[i:i + args.batch_size] if key[j.case.id] == k]
+            i += len(batch)
+            toks = [tokens[j.case.id] for j in batch]
+            lat = gen.latents([j.case.prompt for j in batch], args.negative, [t[0] for t in toks],
+                              [t[1] for t in toks], toks[0][2], [layouts[j.case.id].masks for j in batch],
+                              [layouts[j.case.id].control for j in batch], [j.seed for j in batch], args.steps,
+                              args.cfg)
+            for j, img in zip(batch, gen.images(lat)):
+                save_png(img, j.path)
+                recorded[j.path.name] = {"case": j.case.id, "seed": j.seed, "pose": layouts[j.case.id].source}
+            write_manifest(out, settings, recorded)
+            bar.update(len(batch))
+        bar.close()
+        print(f"wrote {len(todo)} images to {out}", file=sys.stderr)
+    return _evaluate(args, out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
