@@ -42,7 +42,11 @@ class NestedPackError(ModelFileError):
 
 
 class FaceIDFileError(ModelFileError):
-    """An IP-Adapter file that is not a readable SD1.5 IP-Adapter-FaceID file."""
+    """An IP-Adapter file that is not a readable IP-Adapter-FaceID file (SD1.5 or SDXL)."""
+
+
+class InstantIDFileError(ModelFileError):
+    """A file given as InstantID's adapter that is unreadable, of another kind, or not in the published layout."""
 
 
 class ImageInputError(InstantFamilyError):

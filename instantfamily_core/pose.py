@@ -55,11 +55,14 @@ _BODY25_TO_COCO18 = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 
 @dataclass(frozen=True)
 class Person:
     """One person in pixel coordinates of the frame's canvas. ``body``: (18, 3); ``face``: (K, 3) or None;
-    ``box``: the face detector's box as two points ``[[x1, y1, 1], [x2, y2, 1]]`` or None."""
+    ``box``: the face detector's box as two points ``[[x1, y1, 1], [x2, y2, 1]]`` or None; ``kps5``: the face
+    detector's 5 keypoints (5, 3) in insightface order (image-left eye, image-right eye, nose, mouth corners) or
+    None — read from this pack's ``face_kps_5`` key (faces detected in a photo, bundled templates)."""
 
     body: np.ndarray
     face: Optional[np.ndarray] = None
     box: Optional[np.ndarray] = None
+    kps5: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class PoseFrame:
         """The same people on a ``width×height`` canvas (each axis stretched independently)."""
         sx, sy = width / self.width, height / self.height
         return PoseFrame(width, height, tuple(Person(_scale(p.body, sx, sy), _scale(p.face, sx, sy),
-                                                     _scale(p.box, sx, sy)) for p in self.people))
+                                                     _scale(p.box, sx, sy), _scale(p.kps5, sx, sy))
+                                              for p in self.people))
 
 
 def _points(raw, name: str, what: str) -> Optional[np.ndarray]:
@@ -158,7 +162,10 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
             if not (flat[2] > flat[0] and flat[3] > flat[1]):
                 raise PoseError(f"{who}: face_box_2d {flat.tolist()} is empty (need x2 > x1 and y2 > y1)")
             box = np.array([[flat[0], flat[1], 1.0], [flat[2], flat[3], 1.0]])
-        people.append(Person(body, face, box))
+        kps5 = _points(p.get("face_kps_5"), name, f"person {i} face_kps_5")
+        if kps5 is not None and len(kps5) != 5:
+            raise PoseError(f"{who}: face_kps_5 has {len(kps5)} points; expected 5 (eyes, nose, mouth corners)")
+        people.append(Person(body, face, box, kps5))
     if not people:
         animals = f.get("animals")
         if isinstance(animals, (list, tuple)) and animals:
@@ -167,15 +174,15 @@ def parse_pose(data, frame: int = 0, name: str = "pose_keypoint") -> PoseFrame:
                             "use an OpenPose or DWPose preprocessor (people), not AnimalPose")
         raise PoseError(f"{name}: frame {frame} has no people; expected at least one person with keypoints")
 
-    people = [Person(_drop_markers(p.body, width, height), _drop_markers(p.face, width, height), p.box)
-              for p in people]
-    valid = np.concatenate([a[a[:, 2] > 0, :2] for p in people for a in (p.body, p.face, p.box) if a is not None]
-                           or [np.zeros((0, 2))])
+    people = [Person(_drop_markers(p.body, width, height), _drop_markers(p.face, width, height), p.box,
+                     _drop_markers(p.kps5, width, height)) for p in people]
+    valid = np.concatenate([a[a[:, 2] > 0, :2] for p in people for a in (p.body, p.face, p.box, p.kps5)
+                            if a is not None] or [np.zeros((0, 2))])
     if valid.size == 0:
         raise PoseError(f"{name}: no keypoint has a confidence above 0; the pose is empty")
     if np.abs(valid).max() <= NORMALISED_TOLERANCE:
-        people = [Person(_scale(p.body, width, height), _scale(p.face, width, height), _scale(p.box, width, height))
-                  for p in people]
+        people = [Person(_scale(p.body, width, height), _scale(p.face, width, height), _scale(p.box, width, height),
+                         _scale(p.kps5, width, height)) for p in people]
     return PoseFrame(width, height, tuple(people))
 
 
@@ -414,7 +421,7 @@ def pose_from_faces(faces, width: int, height: int) -> dict:
 
     ``faces``: sequence of ``(bbox (x1, y1, x2, y2), kps (5, 2))`` in pixels, kps in insightface order (image-left
     eye, image-right eye, nose, mouth corners). Each person carries the detector box (``face_box_2d``, so the mask
-    is exactly detector box + margin) and gets nose, eyes, ears and a neck below the chin — a head-and-neck
+    is exactly detector box + margin) and its 5 keypoints (``face_kps_5``, for InstantID's keypoint image), and gets nose, eyes, ears and a neck below the chin — a head-and-neck
     skeleton for the control image. The ears sit at eye height, ``|ear − ear| = width / 0.92``, so a consumer that
     ignores ``face_box_2d`` still finds about the same box by the body rule. People are ordered left to right.
     """
@@ -432,7 +439,8 @@ def pose_from_faces(faces, width: int, height: int) -> dict:
         body[L_EAR] = (cx + half_ears, eye_y, 1)
         body[NECK] = (cx, y2 + 0.35 * (y2 - y1), 1)
         people.append({"pose_keypoints_2d": body.reshape(-1).tolist(), "face_keypoints_2d": None,
-                       "face_box_2d": [x1, y1, x2, y2]})
+                       "face_box_2d": [x1, y1, x2, y2],
+                       "face_kps_5": np.concatenate([k, np.ones((5, 1))], axis=1).reshape(-1).tolist()})
     return {"people": people, "canvas_width": int(width), "canvas_height": int(height)}
 
 

@@ -1,6 +1,10 @@
 """Writes the bundled pose templates (pose_templates/family_<n>.json, n = 1…8) in the POSE_KEYPOINT shape.
 
 Standing people in a row, adults and children alternating so the templates read as a family; pixel coordinates.
+Each person also carries five face keypoints (``face_kps_5``, insightface order: image-left eye, image-right eye,
+nose, mouth corners) for InstantID's keypoint image: the body's eyes and nose, and mouth corners placed by the
+proportions of insightface's ArcFace 5-point template (half-width 0.41 × the eye distance, 0.45 × the eye distance
+below the nose).
 Run from the repository root: ``python tools/make_pose_templates.py``.
 """
 
@@ -22,12 +26,18 @@ STANDING = {0: (0, 0), 1: (0, 1.0), 2: (-0.9, 1.05), 3: (-1.15, 2.0), 4: (-1.2, 
             17: (0.45, -0.05)}
 
 
+EYE_DISTANCE = STANDING[15][0] - STANDING[14][0]
+KPS5 = (STANDING[14], STANDING[15], STANDING[0], (-0.41 * EYE_DISTANCE, 0.45 * EYE_DISTANCE),
+        (0.41 * EYE_DISTANCE, 0.45 * EYE_DISTANCE))
+
+
 def person(cx: float, nose_y: float, s: float) -> dict:
     pts = []
     for i in range(18):
         dx, dy = STANDING[i]
         pts += [round(cx + dx * s, 1), round(nose_y + dy * s, 1), 1.0]
-    return {"pose_keypoints_2d": pts, "face_keypoints_2d": None}
+    kps = [v for dx, dy in KPS5 for v in (round(cx + dx * s, 1), round(nose_y + dy * s, 1), 1.0)]
+    return {"pose_keypoints_2d": pts, "face_keypoints_2d": None, "face_kps_5": kps}
 
 
 def template(n: int) -> dict:

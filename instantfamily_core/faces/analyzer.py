@@ -53,7 +53,9 @@ class DetectedFace:
 
     ``bbox`` (4,) x1, y1, x2, y2 and ``kps`` (5, 2) in image pixels; ``crop`` the aligned 112×112×3 uint8 RGB
     crop the recognizer saw; ``global_embedding`` (D,) L2-normalised float32; ``local_map`` (C, L, L) float32;
-    ``det_size`` the detector size at which the face was found.
+    ``det_size`` the detector size at which the face was found; ``raw_embedding`` (D,) float32, the recognizer's
+    un-normalised output (insightface's ``Face.embedding``, what InstantID reads; ``global_embedding`` is its
+    ``normed_embedding``).
     """
 
     bbox: np.ndarray
@@ -63,6 +65,7 @@ class DetectedFace:
     global_embedding: np.ndarray
     local_map: np.ndarray
     det_size: int
+    raw_embedding: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -192,7 +195,8 @@ class FaceAnalyzer:
             out.append(DetectedFace(bbox=_readonly(np.asarray(f.bbox, np.float32).reshape(4)),
                                     kps=_readonly(np.asarray(f.kps, np.float32).reshape(5, 2)),
                                     det_score=float(f.det_score), crop=_readonly(crop),
-                                    global_embedding=_readonly(emb), local_map=_readonly(fmap), det_size=used))
+                                    global_embedding=_readonly(emb), local_map=_readonly(fmap), det_size=used,
+                                    raw_embedding=_readonly(np.asarray(raw_emb, dtype=np.float32).reshape(-1))))
         out.sort(key=lambda d: (-d.area, -d.det_score))
         return out
 
@@ -225,14 +229,16 @@ class FaceAnalyzer:
                 continue
             f = faces[0]
             # public-weights (FaceID) mode: per-photo normed embeddings (Portrait) and the 224-px aligned RGB
-            # crop (Plus, for CLIP ViT-H), as the reference makes it: norm_crop(image, kps, image_size=224)
+            # crop (Plus, for CLIP ViT-H), as the reference makes it: norm_crop(image, kps, image_size=224);
+            # InstantID: per-photo raw (un-normalised) embeddings, insightface's Face.embedding
             crop224 = self._face_align.norm_crop(np.ascontiguousarray(img), landmark=np.asarray(f.kps),
                                                  image_size=FACEID_CROP_SIZE)
             items.append(IdentityFeatures(torch.from_numpy(f.global_embedding.copy()),
                                           torch.from_numpy(f.local_map.copy()), name=name, num_images=1,
                                           face_pack=self.pack.name,
                                           extra={"faceid_embeddings": [torch.from_numpy(f.global_embedding.copy())],
-                                                 "faceid_crops": [_readonly(crop224)]}))
+                                                 "faceid_crops": [_readonly(crop224)],
+                                                 "raw_embeddings": [torch.from_numpy(f.raw_embedding.copy())]}))
         if not items:
             logger.warning("%s: no face in any of the %d reference image(s); no identity encoded", name, len(imgs))
             return None
