@@ -15,6 +15,7 @@ paths.register_folders()
 from .doctor_node import InstantFamilyDoctor  # noqa: E402
 from .face_nodes import CombineIdentities, EncodeIdentity, FaceAnalysisLoader, LoadIdentities, SaveIdentities  # noqa: E402
 from .faceid_nodes import ApplyFaceID, FaceIDLoader  # noqa: E402
+from .instantid_nodes import ApplyInstantID, InstantIDLoader  # noqa: E402
 from .model_nodes import ApplyInstantFamily, InstantFamilyLoader  # noqa: E402
 from .pose_nodes import PoseFromImage, PoseToMasks  # noqa: E402
 
@@ -30,6 +31,8 @@ _NODES = {
     "ApplyInstantFamily": (ApplyInstantFamily, "Apply InstantFamily"),
     "InstantFamilyFaceIDLoader": (FaceIDLoader, "InstantFamily FaceID Loader (public weights)"),
     "ApplyInstantFamilyFaceID": (ApplyFaceID, "Apply InstantFamily FaceID (public weights)"),
+    "InstantFamilyInstantIDLoader": (InstantIDLoader, "InstantFamily InstantID Loader"),
+    "ApplyInstantFamilyInstantID": (ApplyInstantID, "Apply InstantFamily InstantID"),
     "InstantFamilyDoctor": (InstantFamilyDoctor, "InstantFamily Doctor (check installation)"),
 }
 NODE_CLASS_MAPPINGS = {k: v[0] for k, v in _NODES.items()}

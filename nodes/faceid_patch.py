@@ -104,10 +104,11 @@ def check_topology(model, weights: FaceIDWeights) -> Topology:
     if problems:
         from instantfamily_core.faceid import PUBLISHED
         if PUBLISHED.get(live.context_dim) is live:
-            fix = f"use a {live.name} FaceID file with this model, or a {weights.base} model with this file"
+            fix = f"use a {live.name} file with this model, or a {weights.base} model with this file"
         else:
             fix = f"the weights address every cross-attention of a full {weights.base} UNet"
-        raise BaseModelError(f"model: {weights.name} is a FaceID file for {weights.topology.describe()}, but the "
+        kind = "an InstantID" if getattr(weights, "variant", "") == "instantid" else "a FaceID"
+        raise BaseModelError(f"model: {weights.name} is {kind} file for {weights.topology.describe()}, but the "
                              f"model is {live.describe()} ({'; '.join(problems[:2])}); {fix}")
     return live
 

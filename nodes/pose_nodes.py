@@ -17,6 +17,7 @@ from instantfamily_core.identity import skipped_slots
 from instantfamily_core.masks import resize_masks, validate_masks
 from instantfamily_core.pose import (DEFAULT_MARGIN, assign_slots, count_frames, parse_order, parse_pose,
                                      pose_from_faces, poses_from_controlnet_aux)
+from instantfamily_core.kps import draw_kps_canvas, kps_for_slots
 from instantfamily_core.render import draw_caption, draw_control_image, draw_openpose_image, draw_preview
 
 from . import paths
@@ -26,7 +27,8 @@ from .face_nodes import CATEGORY, FACE_ANALYSIS, IDENTITIES
 logger = logging.getLogger(__name__)
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pose_templates")
 NO_TEMPLATE = "none (use pose_keypoint)"
-CONTROL_STYLES = ("skeleton + slot circles (InstantFamily)", "OpenPose: skeleton + face points (public weights)")
+CONTROL_STYLES = ("skeleton + slot circles (InstantFamily)", "OpenPose: skeleton + face points (public weights)",
+                  "InstantID: face keypoints (5 per face)")
 
 
 def template_names() -> list[str]:
@@ -79,7 +81,8 @@ class PoseToMasks:
             "masks": ("MASK", {"tooltip": "one mask per identity, replaces the automatic face masks"}),
             "control_image": (list(CONTROL_STYLES), {"default": CONTROL_STYLES[0], "tooltip": (
                 "slot circles: InstantFamily's ControlNet; OpenPose: for a stock OpenPose ControlNet (public-weights "
-                "mode) — skeletons, face landmarks as white dots when the pose has them, no slot circles")}),
+                "mode) — skeletons, face landmarks as white dots when the pose has them, no slot circles; InstantID: "
+                "the IdentityNet's keypoint image — each identity's eyes, nose and mouth corners on one canvas")}),
         }}
 
     def run(self, identities, template, width, height, margin, identity_order, pose_keypoint=None, masks=None,
@@ -112,6 +115,15 @@ class PoseToMasks:
             control = draw_control_image(slots)
         elif control_image == CONTROL_STYLES[1]:
             control = draw_openpose_image(slots.frame)
+        elif control_image == CONTROL_STYLES[2]:
+            points = kps_for_slots(slots)
+            missing = [f"{n + 1} ({identities[n].name})" for n, p in enumerate(points)
+                       if p is None and not slots.is_empty(n)]
+            if missing:
+                raise PoseError(f"pose_keypoint: identities {missing} have no face keypoints in the pose (InstantID "
+                                "needs eyes, nose and mouth corners: use a bundled template, Pose from Image, or an "
+                                "OpenPose/DWPose preprocessor with faces on)")
+            control = draw_kps_canvas(height, width, points)
         else:
             raise OptionError(f"control_image: expected one of {list(CONTROL_STYLES)}, got {control_image!r}")
         preview = draw_preview(control, slots, out_masks)

@@ -139,7 +139,7 @@ def test_a_file_of_the_other_base_is_refused_naming_both(host, meta, tmp_path):
     ff.write_bin(tmp_path / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))
     sd15_file = m.load_faceid_model(str(tmp_path / "ip-adapter-faceid_sd15.bin"), "auto (file name)", m.NO_LORA)
     with pytest.raises(BaseModelError, match=r"ip-adapter-faceid_sd15.bin is a FaceID file for SD1.5 .*but the "
-                                             r"model is SDXL \(70 cross-attentions.*use a SDXL FaceID file"):
+                                             r"model is SDXL \(70 cross-attentions.*use a SDXL file"):
         _apply(host, meta, sd15_file, random_identities(1, 0), torch.ones(1, 64, 64))
     ff.write_bin(tmp_path / "ip-adapter-faceid_sdxl.bin", ff.faceid_parts("sdxl-nolora"))
     sdxl_file = m.load_faceid_model(str(tmp_path / "ip-adapter-faceid_sdxl.bin"), "auto (file name)", m.NO_LORA)
