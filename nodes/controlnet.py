@@ -84,7 +84,7 @@ class InstantFamilyControlNet(comfy.controlnet.ControlNet):
             self.extra_args.pop("transformer_options", None)
 
     def copy(self):
-        c = InstantFamilyControlNet(None, global_average_pooling=self.global_average_pooling,
+        c = type(self)(None, global_average_pooling=self.global_average_pooling,
                                     load_device=self.load_device, manual_cast_dtype=self.manual_cast_dtype)
         c.control_model = self.control_model
         c.control_model_wrapped = self.control_model_wrapped

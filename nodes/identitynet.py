@@ -25,8 +25,6 @@ chain would read. The ADM input (pooled text, size and crop ids) is the UNet's, 
 from __future__ import annotations
 
 import copy
-from typing import Optional
-
 import torch
 
 from instantfamily_core.errors import BaseModelError, MaskError
@@ -137,14 +135,6 @@ class IdentityNetControl(InstantFamilyControlNet):
         finally:
             self.previous_controlnet = prev
 
-    def copy(self):
-        c = IdentityNetControl(None, global_average_pooling=self.global_average_pooling,
-                               load_device=self.load_device, manual_cast_dtype=self.manual_cast_dtype)
-        c.control_model = self.control_model
-        c.control_model_wrapped = self.control_model_wrapped
-        self.copy_to(c)
-        c.instantfamily = self.instantfamily
-        return c
 
 
 def identitynet_for(control_net, rule: IdentityNetRule, name: str = "control_net") -> IdentityNetControl:
@@ -158,22 +148,3 @@ def identitynet_for(control_net, rule: IdentityNetRule, name: str = "control_net
     control_net.copy_to(c)
     c.instantfamily = rule
     return c
-
-
-def attach_identitynet(conditioning, control: IdentityNetControl, hint, strength: float,
-                       percent_range: tuple[float, float], cache: Optional[dict] = None):
-    """``conditioning`` with ``control`` chained after any ControlNet it already had (one copy per previous
-    ControlNet, shared by positive and negative through ``cache``)."""
-    cache = {} if cache is None else cache
-    out = []
-    for tokens, options in conditioning:
-        d = options.copy()
-        prev = d.get("control", None)
-        if prev not in cache:
-            c = control.copy().set_cond_hint(hint, strength, percent_range)
-            c.set_previous_controlnet(prev)
-            cache[prev] = c
-        d["control"] = cache[prev]
-        d["control_apply_to_uncond"] = False
-        out.append([tokens, d])
-    return out

@@ -32,8 +32,8 @@ from . import paths
 from .face_nodes import CATEGORY, IDENTITIES
 from .faceid_patch import FaceIDRule, check_topology, install_faceid
 from .file_cache import FileCache
-from .identitynet import IdentityNetRule, attach_identitynet, identitynet_for
-from .model_nodes import check_apply_inputs, check_base
+from .identitynet import IdentityNetRule, identitynet_for
+from .model_nodes import attach_controlnet, check_apply_inputs, check_base
 
 logger = logging.getLogger("InstantFamily")
 
@@ -169,6 +169,6 @@ class ApplyInstantID:
         control = identitynet_for(control_net, IdentityNetRule(tokens, uncond, masks), "control_net")
         hint = kps_image.movedim(-1, 1)
         cache: dict = {}
-        pos = attach_identitynet(positive, control, hint, cn_strength, (start_at, end_at), cache)
-        neg = attach_identitynet(negative, control, hint, cn_strength, (start_at, end_at), cache)
+        pos = attach_controlnet(positive, control, hint, cn_strength, (start_at, end_at), cache)
+        neg = attach_controlnet(negative, control, hint, cn_strength, (start_at, end_at), cache)
         return (patched, pos, neg)

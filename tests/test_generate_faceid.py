@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from support.sdxl_files import SDXL_CONTROLNET_CONFIG
+
 pytest.importorskip("diffusers", reason="the generate CLI needs diffusers: pip install diffusers accelerate")
 
 SIZE = 64
@@ -35,19 +37,8 @@ SDXL_TINY_TEXT = {"vocab_size": 514, "intermediate_size": 32, "num_hidden_layers
                   "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
 VIT_H = {"hidden_size": 1280, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 16,
          "image_size": 224, "patch_size": 14, "projection_dim": 32, "hidden_act": "gelu"}
-# thibaud/controlnet-openpose-sdxl-1.0 config.json (notes: sdxl-weights.md §3), weight-relevant entries
-THIBAUD_CONFIG = {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "class_embed_type": None, "conditioning_channels": 3, "conditioning_embedding_out_channels": [16, 32, 96, 256],
-    "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0,
-    "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
-    "only_cross_attention": False, "projection_class_embeddings_input_dim": 2816,
-    "resnet_time_scale_shift": "default", "transformer_layers_per_block": [1, 2, 10], "upcast_attention": None,
-    "use_linear_projection": True}
+# thibaud/controlnet-openpose-sdxl-1.0 config.json (notes: sdxl-weights.md §3), its weight-relevant entries
+THIBAUD_CONFIG = {k: v for k, v in SDXL_CONTROLNET_CONFIG.items() if not k.startswith("_")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

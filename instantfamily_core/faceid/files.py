@@ -47,16 +47,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 EXTENSIONS = PICKLE_SUFFIXES + (".safetensors",)
 
 
-@dataclass
-class FaceIDWeights:
-    """A validated FaceID file: ``image_proj`` / ``ip_adapter`` state dicts and what they are."""
+class AdapterWeights:
+    """What the decoupled-attention rule reads of any IP-Adapter-style file (FaceID, InstantID): its base's
+    topology and the ``to_k_ip``/``to_v_ip`` weights of each attn2 processor."""
 
-    variant: str
-    tokens_per_image: int
-    image_proj: dict
-    ip_adapter: dict = field(repr=False)
-    name: str = ""
-    topology: Topology = field(default=None, repr=False)
+    ip_adapter: dict
+    topology: Topology
 
     @property
     def context_dim(self) -> int:
@@ -66,6 +62,22 @@ class FaceIDWeights:
     def base(self) -> str:
         """What the file is for, e.g. ``"SD1.5"``, ``"SDXL"``."""
         return self.topology.name
+
+    def kv_weights(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``to_k_ip`` / ``to_v_ip`` weights ``(hidden, context)`` of attn2 processor ``p``."""
+        return self.ip_adapter[f"{p}.to_k_ip.weight"], self.ip_adapter[f"{p}.to_v_ip.weight"]
+
+
+@dataclass
+class FaceIDWeights(AdapterWeights):
+    """A validated FaceID file: ``image_proj`` / ``ip_adapter`` state dicts and what they are."""
+
+    variant: str
+    tokens_per_image: int
+    image_proj: dict
+    ip_adapter: dict = field(repr=False)
+    name: str = ""
+    topology: Topology = field(default=None, repr=False)
 
     @property
     def has_lora(self) -> bool:
@@ -82,11 +94,6 @@ class FaceIDWeights:
     def lora_state_dict(self) -> dict:
         """The embedded LoRA under keys ComfyUI's LoRA loader maps onto the UNet (empty without one)."""
         return lora_to_comfy(self.ip_adapter, self.topology)
-
-    def kv_weights(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``to_k_ip`` / ``to_v_ip`` weights ``(hidden, context)`` of attn2 processor ``p``."""
-        return self.ip_adapter[f"{p}.to_k_ip.weight"], self.ip_adapter[f"{p}.to_v_ip.weight"]
-
 
 def expected_image_proj(variant: str, tokens: int, d: int) -> dict:
     """``{key: shape}`` of the projection model of a variant for ``d``-wide tokens (the reference's state dict)."""

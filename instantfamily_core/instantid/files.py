@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InstantIDFileError
-from ..faceid.files import expected_ip_adapter
+from ..faceid.files import AdapterWeights, expected_ip_adapter
 from ..faceid.layout import SD15, SDXL, Topology
 
 ID_DIM = 512  # insightface antelopev2 embedding
@@ -47,7 +47,7 @@ PUBLISHED_BYTES = 1_691_134_141  # ip-adapter.bin, sha256 02b3618e36d8…
 
 
 @dataclass
-class InstantIDWeights:
+class InstantIDWeights(AdapterWeights):
     """A validated InstantID adapter: ``image_proj`` (Resampler) and ``ip_adapter`` (``to_k_ip``/``to_v_ip``)."""
 
     image_proj: dict = field(repr=False)
@@ -59,21 +59,8 @@ class InstantIDWeights:
     tokens_per_image = NUM_TOKENS
 
     @property
-    def context_dim(self) -> int:
-        return self.topology.context_dim
-
-    @property
-    def base(self) -> str:
-        """What the file is for: ``"SDXL"`` (or the given topology's name)."""
-        return self.topology.name
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.ip_adapter[f"{self.topology.attn2_indices[0]}.to_k_ip.weight"].dtype
-
-    def kv_weights(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``to_k_ip`` / ``to_v_ip`` weights ``(hidden, context)`` of attn2 processor ``p`` (as FaceID's)."""
-        return self.ip_adapter[f"{p}.to_k_ip.weight"], self.ip_adapter[f"{p}.to_v_ip.weight"]
 
 
 def expected_image_proj(output_dim: int = 2048) -> dict:
