@@ -120,8 +120,9 @@ class ApplyInstantID:
             "identities": (IDENTITIES, {"tooltip": "from Encode Identity (antelopev2 pack); list order = slot order"}),
             "masks": ("MASK", {"tooltip": "one face mask per identity, from Pose to Masks"}),
             "kps_image": ("IMAGE", {"tooltip": "the keypoint image: Pose to Masks with control_image = InstantID"}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
+            "positive": ("CONDITIONING", {"tooltip": "the positive prompt; the IdentityNet is added to it"}),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt; the IdentityNet is added to it with the "
+                                                     "unconditional tokens"}),
             "ip_weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip": (
                 "identity strength in the UNet (the reference's ip_adapter_scale; 0.8 as its published usage)")}),
             "cn_strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": (

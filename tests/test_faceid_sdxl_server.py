@@ -29,8 +29,12 @@ PEAK_LIMIT_GIB = 20.0
 peak = {}
 
 
-def _vm_hwm_gib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
+def _vm_hwm_gib(proc) -> float:
+    """The server's peak resident memory (GiB), read while it still runs."""
+    if proc.poll() is not None:
+        raise AssertionError(f"the ComfyUI server ended early (exit code {proc.returncode}; -9 = killed, e.g. by "
+                             "the kernel's OOM killer: the machine ran out of memory)")
+    with open(f"/proc/{proc.pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2 ** 20
@@ -71,7 +75,7 @@ def server(request, tmp_path_factory):
     comfy_files.write_face_photos(base / "in", COLORS)
     with srv:
         yield srv
-        peak[request.param] = _vm_hwm_gib(srv.proc.pid)
+        peak[request.param] = _vm_hwm_gib(srv.proc)
         print(f"\nFaceID SDXL server ({request.param}): peak resident memory {peak[request.param]:.2f} GiB")
         assert peak[request.param] < PEAK_LIMIT_GIB
 

@@ -87,7 +87,7 @@ def test_workflows_are_templates_and_agree_with_object_info(server):
     from tools.devkit.workflow_format import input_specs, ui_to_api
     info = server.get("/object_info")
     ours = [k for k in info if k.startswith(("InstantFamily", "ApplyInstantFamily"))]
-    assert len(ours) == 12  # 9 InstantFamily nodes, 2 of the public-weights mode, the doctor
+    assert len(ours) == 14  # 9 InstantFamily nodes, 2 of the public-weights mode, 2 of InstantID, the doctor
     assert set(WORKFLOWS) <= set(server.get("/workflow_templates").get("ComfyUI-InstantFamily", []))
     assert len(WORKFLOWS) == 3
     for name in WORKFLOWS:

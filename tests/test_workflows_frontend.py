@@ -39,7 +39,7 @@ def test_templates_in_the_real_frontend(tmp_path):
         assert sorted(server.get("/workflow_templates")[PACK_NAME]) == sorted(wf.stem for wf in workflows)
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = browser.new_page(viewport={"width": 1600, "height": 2200})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/")
@@ -61,6 +61,8 @@ def test_templates_in_the_real_frontend(tmp_path):
                           "'Comfy.BrowseTemplates'); }")
             page.get_by_text(PACK_NAME, exact=True).first.click()
             expected = sorted(f"{wf.stem}.jpg" for wf in workflows)
+            for wf in workflows:  # cards load their thumbnail when they come into view
+                page.get_by_text(wf.stem, exact=True).first.scroll_into_view_if_needed(timeout=30000)
             page.wait_for_function("(n) => n <= window.__thumbs", arg=len(expected), timeout=30000)
             time.sleep(1)
             page.screenshot(path=str(ARTIFACTS / "template_browser.png"))
