@@ -44,6 +44,7 @@ import numpy as np
 
 from .errors import IdentityCountError, PoseError
 from .pose import SlotAssignment
+from .render import COORD_LIMIT
 
 KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))  # RGB, kp0…kp4
 KPS_LIMBS = ((0, 2), (1, 2), (3, 2), (4, 2))  # every point to the nose; drawn in the colour of the first point
@@ -51,7 +52,6 @@ KPS_STICK_WIDTH = 4        # ellipse half-width (minor semi-axis) at the referen
 KPS_RADIUS = 10            # disc radius at the reference size
 KPS_LIMB_SHADE = 0.6       # the limb layer is multiplied by this
 KPS_REFERENCE_SIDE = 1024  # sqrt(H·W) at which the reference sizes apply
-COORD_LIMIT = float(1 << 20)  # coordinates are clamped to ±this many pixels before drawing (cv2 takes int32)
 
 # OpenPose / DWPose face landmarks: the 68 iBUG points (0-based), then the pupils (OpenPose's 70-point face).
 # iBUG "right" is the subject's right, i.e. the image's left for a frontal face — insightface's kp0 side.

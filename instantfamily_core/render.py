@@ -30,6 +30,13 @@ STICK_WIDTH = 4
 SLOT_PALETTE = [(255, 255, 255), (128, 128, 128), (255, 128, 128), (128, 128, 255), (128, 255, 128),
                 (255, 224, 128), (224, 128, 255), (128, 224, 224)]
 CIRCLE_RADIUS_FRACTION = 0.2  # circle radius = this × the shorter side of the face box (before margin), ≥ 3 px
+COORD_LIMIT = float(1 << 20)  # drawing coordinates are clamped to ±this many pixels (OpenCV takes int32)
+
+
+def px(v) -> int:
+    """A drawing coordinate: ``v`` clamped to ±:data:`COORD_LIMIT` (far-off keypoints draw nothing on the
+    canvas instead of overflowing OpenCV's int32), as an int."""
+    return int(min(COORD_LIMIT, max(-COORD_LIMIT, float(v))))
 
 
 def slot_color(n: int) -> tuple[int, int, int]:
@@ -61,7 +68,7 @@ def draw_skeletons(frame: PoseFrame) -> np.ndarray:
         for i, (a, c) in enumerate(LIMBS):
             if b[a, 2] <= 0 or b[c, 2] <= 0:
                 continue
-            (x0, y0), (x1, y1) = b[a, :2], b[c, :2]
+            (x0, y0), (x1, y1) = (np.clip(b[j, :2], -COORD_LIMIT, COORD_LIMIT) for j in (a, c))
             length = math.hypot(x1 - x0, y1 - y0)
             angle = math.degrees(math.atan2(y1 - y0, x1 - x0))
             poly = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), (int(length / 2), stick),
@@ -69,7 +76,7 @@ def draw_skeletons(frame: PoseFrame) -> np.ndarray:
             cv2.fillConvexPoly(canvas, poly, [int(v * 0.6) for v in JOINT_COLORS[i]])
         for i in range(18):
             if b[i, 2] > 0:
-                cv2.circle(canvas, (int(b[i, 0]), int(b[i, 1])), joint, JOINT_COLORS[i], thickness=-1)
+                cv2.circle(canvas, (px(b[i, 0]), px(b[i, 1])), joint, JOINT_COLORS[i], thickness=-1)
     return canvas
 
 
@@ -89,7 +96,7 @@ def draw_openpose_image(frame: PoseFrame, face_points: bool = True) -> np.ndarra
                 continue
             for x, y, c in person.face:
                 if c > 0:
-                    cv2.circle(canvas, (int(x), int(y)), radius, (255, 255, 255), thickness=-1)
+                    cv2.circle(canvas, (px(x), px(y)), radius, (255, 255, 255), thickness=-1)
     return canvas
 
 
@@ -107,7 +114,8 @@ def draw_control_image(slots: SlotAssignment) -> np.ndarray:
         if box is None:  # empty slot (padding or skipped identity): no circle
             continue
         cx, cy = centre
-        cv2.circle(canvas, (int(round(cx)), int(round(cy))), circle_radius(box), slot_color(n), thickness=-1)
+        cv2.circle(canvas, (px(round(cx)), px(round(cy))), min(circle_radius(box), px(COORD_LIMIT)), slot_color(n),
+                   thickness=-1)
     return canvas
 
 
@@ -137,8 +145,8 @@ def draw_preview(control: np.ndarray, slots: SlotAssignment, masks=None) -> np.n
             label += " skipped"
             color = (160, 160, 160)
         x1, y1, x2, y2 = box
-        cv2.rectangle(out, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)), color, 1)
-        org = (int(x1) + 2, int(y1) + int(18 * scale))
+        cv2.rectangle(out, (px(x1), px(y1)), (max(px(x1), px(x2) - 1), max(px(y1), px(y2) - 1)), color, 1)
+        org = (px(x1) + 2, px(y1) + int(18 * scale))
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color, 1, cv2.LINE_AA)
     return out

@@ -66,3 +66,17 @@ def test_skeleton_widths_and_joints_grow_with_the_canvas_beyond_512_px():
     assert 3.0 < dots[1] / dots[0] < 5.0  # white face dots: radius 3 → 6
     wide = parse_pose(frame([person(200, 150, s=40)], w=512, h=512)).scaled(1216, 832)
     assert draw_skeletons(wide).shape == (832, 1216, 3)
+
+
+def test_far_off_keypoints_draw_without_overflowing_opencv():
+    """Keypoints far outside the canvas (beyond OpenCV's int32) draw nothing there instead of raising; found by the
+    POSE_KEYPOINT fuzz (a y of 4294966596)."""
+    from instantfamily_core.render import draw_openpose_image
+    p = person(30, 20, s=5)
+    p["pose_keypoints_2d"][13 * 3 + 1] = 4294966596.0
+    p["pose_keypoints_2d"][12 * 3] = -1e12
+    f = parse_pose(frame([p], w=64, h=64))
+    slots = assign_slots(f, 1)
+    control = draw_control_image(slots)
+    assert control.shape == (64, 64, 3) and control.any()
+    assert draw_preview(control, slots).shape == (64, 64, 3) and draw_openpose_image(f).any()
