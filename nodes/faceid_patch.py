@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 
 from instantfamily_core.errors import BaseModelError
-from instantfamily_core.faceid import FaceIDWeights, Topology, identity_term
-from instantfamily_core.masks import resize_masks
+from instantfamily_core.faceid import PUBLISHED, FaceIDWeights, Topology, identity_term
 
 from .patch import IdentityState, install_hooks, live_topology
 
@@ -41,7 +40,7 @@ class FaceIDRule(IdentityState):
         super().__init__(tokens, uncond_tokens, masks, sigma_range)
         self.file = weights_file
         self.topology = topology or weights_file.topology
-        self.weights = torch.as_tensor(list(weights), dtype=torch.float32)
+        self.weights = self.region_scale = torch.as_tensor(list(weights), dtype=torch.float32)
         self.key_valid = key_valid
 
     def _kv(self, p: int, like: torch.Tensor):
@@ -62,19 +61,7 @@ class FaceIDRule(IdentityState):
                 self.cache.get(call.run, ("faceid-kv", slot.attn2, call.device, call.dtype),
                                lambda: self._kv(slot.attn2, like))
         for hw in call.feature_sizes:
-            self._region(call.run, None, hw)
-
-    def _region(self, run, row_masks: Optional[torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
-        def build():
-            small = resize_masks(self.masks if row_masks is None else row_masks, hw)
-            small = small.unsqueeze(0) if small.ndim == 3 else small
-            return small.flatten(-2).transpose(-1, -2) * self.weights
-        key = ("faceid-region", hw, None if row_masks is None else id(row_masks))
-        return self.cache.get(run, key, build)
-
-    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
-        """``(1 or rows, h·w, N)``: w_n · m_n at each position of this block's feature map."""
-        return self._region(extra_options.get("sample_sigmas"), self.row_masks(extra_options, rows), hw)
+            self.mask_region(call.run, None, hw)
 
     def __call__(self, out, q, k, v, extra_options, **kwargs):
         block = extra_options["block"]
@@ -102,7 +89,6 @@ def check_topology(model, weights: FaceIDWeights) -> Topology:
         raise BaseModelError(f"model: {e}; the FaceID weights need {weights.topology.describe()}") from None
     problems = weights.topology.differences(live)
     if problems:
-        from instantfamily_core.faceid import PUBLISHED
         if PUBLISHED.get(live.context_dim) is live:
             fix = f"use a {live.name} file with this model, or a {weights.base} model with this file"
         else:

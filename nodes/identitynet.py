@@ -25,11 +25,11 @@ chain would read. The ADM input (pooled text, size and crop ids) is the UNet's, 
 from __future__ import annotations
 
 import copy
+
 import torch
 
 from instantfamily_core.errors import BaseModelError, MaskError
 from instantfamily_core.faceid import identity_term
-from instantfamily_core.masks import resize_masks
 
 from .controlnet import InstantFamilyControlNet, MaskedControlNetModel
 from .patch import IdentityState, attn2_modules
@@ -57,18 +57,6 @@ class IdentityNetRule(IdentityState):
 
     def active(self, extra_options: dict) -> bool:
         return self.num_identities > 0
-
-    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
-        """``(1 or rows, h·w, N)``: each person's mask at this block's feature size (per row under area
-        conditioning)."""
-        row_masks = self.row_masks(extra_options, rows)
-
-        def build():
-            small = resize_masks(self.masks if row_masks is None else row_masks, hw)
-            small = small.unsqueeze(0) if small.ndim == 3 else small
-            return small.flatten(-2).transpose(-1, -2).contiguous()
-        key = ("identitynet-region", hw, None if row_masks is None else id(row_masks))
-        return self.cache.get(extra_options.get("sample_sigmas"), key, build)
 
     def __call__(self, attn, q, k, v, extra_options: dict, fn) -> torch.Tensor:
         b, length, c = k.shape

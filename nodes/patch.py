@@ -229,6 +229,22 @@ class IdentityState:
             return torch.stack([full[..., y * 8:(y + h) * 8, x * 8:(x + w) * 8] for h, w, y, x in areas])
         return self.cache.get(extra_options.get("sample_sigmas"), ("row_masks", areas), build)
 
+    region_scale: Optional[torch.Tensor] = None
+    """Per-identity factor of :meth:`region` (``None``: the masks as they are)."""
+
+    def mask_region(self, run, row_masks: Optional[torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
+        """``(1 or rows, h·w, N)``: each identity's mask (``row_masks``: per row, area conditioning) at feature
+        size ``hw`` times :attr:`region_scale`, built once per run, size and set of rows."""
+        def build():
+            small = resize_masks(self.masks if row_masks is None else row_masks, hw)
+            small = (small.unsqueeze(0) if small.ndim == 3 else small).flatten(-2).transpose(-1, -2)
+            return small.contiguous() if self.region_scale is None else small * self.region_scale
+        return self.cache.get(run, ("region", hw, None if row_masks is None else id(row_masks)), build)
+
+    def region(self, extra_options: dict, rows: int, hw: tuple[int, int]) -> torch.Tensor:
+        """:meth:`mask_region` for this call's rows and block size."""
+        return self.mask_region(extra_options.get("sample_sigmas"), self.row_masks(extra_options, rows), hw)
+
     def per_row(self, key, extra_options: dict, rows: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """``(rows, …)``: ``cond`` on cond rows, ``uncond`` on uncond rows (cached per run and layout)."""
         flags = uncond_rows(extra_options, rows)
