@@ -48,6 +48,7 @@ from instantfamily_core.faceid import (FaceIDProjection, FaceIDWeights, Topology
 from instantfamily_core.faceid.files import CLIP_DIM, CLIP_TOKENS
 from instantfamily_core.faceid.layout import LORA_TARGETS
 from instantfamily_core.masks import feature_size_for, resize_masks
+from training.processors import attention_finish, attention_prelude
 
 KWARG = "faceid"
 BASE_NAMES = {768: "SD1.5", 2048: "SDXL"}
@@ -267,32 +268,6 @@ class FaceIDContext:
         return self.cache[key]
 
 
-def _prelude(attn, hidden_states, encoder_hidden_states, temb):
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    shape = None
-    if hidden_states.ndim == 4:
-        shape = hidden_states.shape
-        b, c, h, w = shape
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    if encoder_hidden_states is not None and attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    return residual, hidden_states, context, shape
-
-
-def _finish(attn, out, residual, shape):
-    out = attn.to_out[1](attn.to_out[0](out))
-    if shape is not None:
-        out = out.transpose(-1, -2).reshape(shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
-
-
 class FaceIDAttnProcessor:
     """attn2 processor ``p``: ``to_out(softmax(QK_textᵀ/√d)V_text + Σ_n w_n·m_n·softmax(QK_nᵀ/√d)V_n)`` with
     ``K_n = T_n W_k^p``, ``V_n = T_n W_v^p`` (the file's ``to_k_ip``/``to_v_ip``); without a ``faceid`` context
@@ -306,13 +281,13 @@ class FaceIDAttnProcessor:
         if attention_mask is not None:
             raise MaskError("attention_mask: the FaceID processor takes its masks from the 'faceid' "
                             "cross_attention_kwargs entry")
-        residual, hidden_states, context, shape = _prelude(attn, hidden_states, encoder_hidden_states, temb)
+        residual, hidden_states, context, shape = attention_prelude(attn, hidden_states, encoder_hidden_states, temb)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         out = sdpa_attention(q, k, v, attn.heads)
         if faceid is not None:
             k_ids, v_ids = faceid.kv(self.p, self.wk, self.wv, q)
             out = out + identity_term(q, k_ids, v_ids, attn.heads, faceid.region(q.shape[1], q), faceid.key_valid)
-        return _finish(attn, out.to(q.dtype), residual, shape)
+        return attention_finish(attn, out.to(q.dtype), residual, shape)
 
 
 class PlainAttnProcessor:
@@ -322,9 +297,9 @@ class PlainAttnProcessor:
                  faceid: Optional[FaceIDContext] = None, **kwargs):
         if attention_mask is not None:
             raise MaskError("attention_mask: not used by the FaceID mode's self-attention")
-        residual, hidden_states, context, shape = _prelude(attn, hidden_states, encoder_hidden_states, temb)
+        residual, hidden_states, context, shape = attention_prelude(attn, hidden_states, encoder_hidden_states, temb)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        return _finish(attn, sdpa_attention(q, k, v, attn.heads).to(q.dtype), residual, shape)
+        return attention_finish(attn, sdpa_attention(q, k, v, attn.heads).to(q.dtype), residual, shape)
 
 
 def install_faceid(unet, weights: FaceIDWeights, topology: Topology) -> int:
@@ -344,29 +319,15 @@ def install_faceid(unet, weights: FaceIDWeights, topology: Topology) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the OpenPose ControlNet
 
-def _weights_in_folder(folder: Path, what: str) -> Path:
-    from training import sd15
-    variant = sd15.weights_variant(folder, what)
-    files = [f for f in folder.iterdir() if f.name.startswith("diffusion_pytorch_model") and
-             f.name.split(".")[-1] in ("safetensors", "bin") and
-             (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]
-    if any(w.suffix == ".safetensors" for w in files):
-        files = [w for w in files if w.suffix == ".safetensors"]
-    if len(files) != 1:
-        raise ModelFileError(f"{what}: expected one diffusion_pytorch_model[.<variant>].safetensors or .bin in "
-                             f"{folder}, found {[w.name for w in files]}")
-    return files[0]
-
-
 def load_openpose_controlnet(path, unet, base_label: str, dtype: torch.dtype = torch.float32):
     """A stock OpenPose ControlNet for the base (``--controlnet``): a single file (ldm keys with or without
     ``control_model.``, or diffusers keys — thibaud/xinsir SDXL files) shaped like ``ControlNetModel.from_unet``
     of the base's UNet, or a diffusers folder (``config.json`` + weights). Default attention processors: the
     ControlNet sees the text context only."""
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     from training import sd15
+    from training.model import controlnet_state, controlnet_weights_in_folder
     p = Path(path)
     ctx = int(unet.config.cross_attention_dim)
     base = base_name(ctx)
@@ -380,20 +341,16 @@ def load_openpose_controlnet(path, unet, base_label: str, dtype: torch.dtype = t
                                  "diffusion_pytorch_model.safetensors)")
         cfg = ControlNetModel.load_config(str(p))
         target = sd15._empty(lambda: ControlNetModel.from_config(cfg))
-        sd = sd15.read_state_dict(_weights_in_folder(p, "--controlnet"), "--controlnet")
+        sd = sd15.read_state_dict(controlnet_weights_in_folder(p, "--controlnet", "--controlnet"), "--controlnet")
     else:
         sd = sd15.read_state_dict(p, "--controlnet")
         target = sd15._empty(lambda: ControlNetModel.from_unet(unet, load_weights_from_unet=False))
-    if any(k.startswith("control_model.") for k in sd):
-        sd = {k[len("control_model."):]: v for k, v in sd.items() if k.startswith("control_model.")}
-    if "controlnet_cond_embedding.conv_in.weight" in sd:
-        converted = sd
-    elif "zero_convs.0.0.weight" in sd and "input_hint_block.0.weight" in sd:
-        converted = convert_controlnet_checkpoint(sd, dict(target.config))
-    else:
+
+    def refuse(sd):
         kind = sd15.describe_file(sd) if any(k.startswith("model.diffusion_model.") for k in sd) else None
-        raise BaseModelError(f"{name}: not a ControlNet ({kind or 'no ControlNet keys'}); expected an OpenPose "
-                             f"ControlNet for {base}: {OPENPOSE_HINT.get(base, '')}")
+        return BaseModelError(f"{name}: not a ControlNet ({kind or 'no ControlNet keys'}); expected an OpenPose "
+                              f"ControlNet for {base}: {OPENPOSE_HINT.get(base, '')}")
+    converted = controlnet_state(sd, target, refuse)
     hint = converted.get("controlnet_cond_embedding.conv_in.weight")
     if hint is not None and hint.ndim == 4 and hint.shape[1] != 3:
         raise BaseModelError(f"{name}: its hint encoder takes {hint.shape[1]} channels; an OpenPose ControlNet reads "

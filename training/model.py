@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -151,6 +152,37 @@ def as_fp32(module: nn.Module) -> nn.Module:
     return module
 
 
+
+def controlnet_weights_in_folder(folder: Path, name: str, what: str) -> Path:
+    """The one ``diffusion_pytorch_model[.<variant>].safetensors`` (or ``.bin``) of a diffusers ControlNet
+    folder; published folders carry both: safetensors preferred."""
+    from training import sd15
+    variant = sd15.weights_variant(folder, what)
+    weights = [f for f in folder.iterdir() if f.name.startswith("diffusion_pytorch_model") and
+               f.name.split(".")[-1] in ("safetensors", "bin") and
+               (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]
+    if any(w.suffix == ".safetensors" for w in weights):
+        weights = [w for w in weights if w.suffix == ".safetensors"]
+    if len(weights) != 1:
+        raise ModelFileError(f"{name}: expected one diffusion_pytorch_model[.<variant>].safetensors or .bin in "
+                             f"{folder}, found {[w.name for w in weights]}")
+    return weights[0]
+
+
+def controlnet_state(sd: dict, target, refuse: Callable[[dict], Exception]) -> dict:
+    """A ControlNet state dict in diffusers names for ``target`` (a diffusers ControlNetModel): diffusers files as
+    they are, ldm files (``control_model.`` prefix or none) converted; else ``refuse(sd)`` is raised (``sd``
+    without the ``control_model.`` prefix)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    if any(k.startswith("control_model.") for k in sd):
+        sd = {k[len("control_model."):]: v for k, v in sd.items() if k.startswith("control_model.")}
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        return sd
+    if "zero_convs.0.0.weight" in sd and "input_hint_block.0.weight" in sd:
+        return convert_controlnet_checkpoint(sd, dict(target.config))
+    raise refuse(sd)
+
+
 def load_controlnet_init(path, unet):
     """The pose ControlNet initialised from a public SD1.5 OpenPose ControlNet (``control_v11p_sd15_openpose``),
     in fp32, with our processors, shaped like :func:`make_controlnet`'s.
@@ -159,10 +191,7 @@ def load_controlnet_init(path, unet):
     single file: the original (LDM) layout, ``.pth``/``.safetensors``, with or without the ``control_model.``
     prefix (ControlNet 1.0 files that also hold a full SD model are fine: only ``control_model.*`` is read), or
     diffusers keys in one file. fp16 and fp32 files alike. The LDM → diffusers key conversion is diffusers' own."""
-    from pathlib import Path
-
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     from training import sd15
     p = Path(path)
@@ -176,28 +205,12 @@ def load_controlnet_init(path, unet):
         if not (p / "config.json").is_file():
             raise ModelFileError(f"{name}: a folder must be a diffusers ControlNet (config.json + "
                                  "diffusion_pytorch_model.safetensors)")
-        variant = sd15.weights_variant(p, "--controlnet-init")
-        weights = [f for f in p.iterdir() if f.name.startswith("diffusion_pytorch_model") and
-                   f.name.split(".")[-1] in ("safetensors", "bin") and
-                   (variant is None and f.name.count(".") == 1 or variant is not None and f".{variant}." in f.name)]
-        if any(w.suffix == ".safetensors" for w in weights):  # published folders carry both: prefer safetensors
-            weights = [w for w in weights if w.suffix == ".safetensors"]
-        if len(weights) != 1:
-            raise ModelFileError(f"{name}: expected one diffusion_pytorch_model[.<variant>].safetensors or .bin in "
-                                 f"{p}, found {[w.name for w in weights]}")
-        sd = sd15.read_state_dict(weights[0], "--controlnet-init")
+        sd = sd15.read_state_dict(controlnet_weights_in_folder(p, name, "--controlnet-init"), "--controlnet-init")
     else:
         sd = sd15.read_state_dict(p, "--controlnet-init")
-    if any(k.startswith("control_model.") for k in sd):
-        sd = {k[len("control_model."):]: v for k, v in sd.items() if k.startswith("control_model.")}
-    if "controlnet_cond_embedding.conv_in.weight" in sd:
-        converted = sd
-    elif "zero_convs.0.0.weight" in sd and "input_hint_block.0.weight" in sd:
-        converted = convert_controlnet_checkpoint(sd, dict(target.config))
-    else:
-        kind = sd15.describe_file(sd)
-        raise BaseModelError(f"{name}: not a ControlNet ({kind or 'no ControlNet keys'}); expected an SD1.5 "
-                             "ControlNet such as control_v11p_sd15_openpose")
+    converted = controlnet_state(sd, target, lambda sd: BaseModelError(
+        f"{name}: not a ControlNet ({sd15.describe_file(sd) or 'no ControlNet keys'}); expected an SD1.5 "
+        "ControlNet such as control_v11p_sd15_openpose"))
     hint = converted.get("controlnet_cond_embedding.conv_in.weight")
     if hint is not None and hint.ndim == 4 and hint.shape[1] != 3:
         raise BaseModelError(f"{name}: its hint encoder takes {hint.shape[1]} channels; the pose ControlNet reads an "

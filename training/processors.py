@@ -46,32 +46,43 @@ class MaskedCrossAttnProcessor:
         if attention_mask is not None:
             raise MaskError("attention_mask: InstantFamily cross-attention takes its masks from the "
                             "'instantfamily' cross_attention_kwargs entry, not from attention_mask")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-
+        residual, hidden_states, context, shape = attention_prelude(attn, hidden_states, encoder_hidden_states, temb)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         if instantfamily is None or instantfamily.attention is None:
             out = sdpa_attention(q, k, v, attn.heads)
         else:
             hw = feature_size_for(q.shape[1], instantfamily.latent_hw)
             out = instantfamily.attention(q, k, v, attn.heads, hw, attention_fn=sdpa_attention)
-        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        return attention_finish(attn, out.to(q.dtype), residual, shape)
 
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+
+def attention_prelude(attn, hidden_states, encoder_hidden_states, temb):
+    """What diffusers' ``AttnProcessor2_0`` does before the projections: ``(residual, hidden_states (B, L, C),
+    context, shape)``, ``shape`` the 4-d input shape or None."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = None
+    if hidden_states.ndim == 4:
+        shape = hidden_states.shape
+        b, c, h, w = shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return residual, hidden_states, context, shape
+
+
+def attention_finish(attn, out, residual, shape):
+    """What ``AttnProcessor2_0`` does after the attention: ``to_out``, back to 4-d, residual, rescale."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if shape is not None:
+        out = out.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 class PlainSelfAttnProcessor:

@@ -232,20 +232,21 @@ def use_ema_weights(sd: dict, name: str) -> bool:
     return True
 
 
-def text_encoder_state(sd: dict, model_keys: list[str]) -> dict:
-    """``cond_stage_model.transformer.*`` (with or without ``text_model.``) → the installed ``CLIPTextModel``'s own
-    key names (``text_model.*`` in transformers 4.x, bare in 5.x). ``position_ids`` (a fixed ``arange(77)`` that
-    some files store, sometimes as damaged floats) and CLIP's ``text_projection``/``logit_scale`` are dropped."""
-    prefix = "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
+def text_encoder_state(sd: dict, model_keys: list[str], prefix: str = TEXT_PREFIX) -> dict:
+    """``<prefix>*`` (SD1.5: ``cond_stage_model.transformer.``; with or without ``text_model.``) → the installed
+    ``CLIPTextModel``'s own key names (``text_model.*`` in transformers 4.x, bare in 5.x). ``position_ids`` (a
+    fixed ``arange(77)`` that some files store, sometimes as damaged floats) and CLIP's ``text_projection``/
+    ``logit_scale`` are dropped."""
+    own = "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
     out = {}
     for k, v in sd.items():
-        if not k.startswith(TEXT_PREFIX):
+        if not k.startswith(prefix):
             continue
-        bare = k[len(TEXT_PREFIX):]
+        bare = k[len(prefix):]
         bare = bare[len("text_model."):] if bare.startswith("text_model.") else bare
         if bare.endswith("position_ids") or bare in ("text_projection.weight", "logit_scale"):
             continue
-        out[prefix + bare] = v
+        out[own + bare] = v
     return out
 
 

@@ -104,22 +104,6 @@ def _read_json(path: Path, what: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # loading
 
-def _text_state(sd: dict, prefix: str, model_keys: list[str]) -> dict:
-    """``<prefix>[text_model.]*`` → the installed ``CLIPTextModel``'s own names (``text_model.*`` or bare);
-    ``position_ids``, ``text_projection`` and ``logit_scale`` dropped (CLIP-L's projection is unused by SDXL)."""
-    own = "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
-    out = {}
-    for k, v in sd.items():
-        if not k.startswith(prefix):
-            continue
-        bare = k[len(prefix):]
-        bare = bare[len("text_model."):] if bare.startswith("text_model.") else bare
-        if bare.endswith("position_ids") or bare in ("text_projection.weight", "logit_scale"):
-            continue
-        out[own + bare] = v
-    return out
-
-
 def _rename_to(model_keys: list[str], sd: dict) -> dict:
     """diffusers' conversions name a ``CLIPTextModelWithProjection`` ``text_model.*`` + ``text_projection.*``;
     map onto the installed model's own names (identical in transformers 4.x and 5.x, checked anyway)."""
@@ -198,7 +182,7 @@ def load_single_file(path: Path, config_dir: Path = CONFIG_DIR, tokenizers=(None
     t2_cfg = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder_2"), local_files_only=True)
 
     text = sd15._empty(lambda: CLIPTextModel(t1_cfg))
-    part = _text_state(sd, TEXT_PREFIX, list(text.state_dict()))
+    part = sd15.text_encoder_state(sd, list(text.state_dict()), TEXT_PREFIX)
     sd15._drop(sd, TEXT_PREFIX)
     text = load_into(text, part, "CLIP-L text encoder", name, dtype)
     text2 = sd15._empty(lambda: CLIPTextModelWithProjection(t2_cfg))
