@@ -469,10 +469,7 @@ def encode_identities(analyzer, case: Case) -> list:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from instantfamily_core.checkpoint import load_checkpoint
-    from instantfamily_core.faces import get_analyzer
     from training.model import load_controlnet_from_checkpoint
     from training.sd15 import load_base
 
@@ -489,43 +486,61 @@ def run(args) -> int:
             raise GenerateError("--face-pack: the checkpoint records no face pack; name the one it was trained with")
         mode = ckpt.meta.mask_mode if args.mask_mode == "checkpoint" else args.mask_mode
         settings = settings_of(args, ckpt, Path(args.base), dtype)
-    recorded = check_manifest(out, settings)
-    todo = [j for j in jobs if not j.path.is_file()]
-    kept = len(jobs) - len(todo)
-    print(f"{len(jobs)} images ({len(cases)} cases × {len(seeds)} seeds): {kept} already in {out}, {len(todo)} to "
-          f"generate", file=sys.stderr)
+    recorded, todo, layouts, identities = _pending(args, cases, seeds, jobs, out, settings, "instantfamily")
     if todo:
-        out.mkdir(parents=True, exist_ok=True)
-        write_manifest(out, settings, recorded)
-        # every pending case's layout and identities first: bad poses or reference photos fail before sampling
-        analyzer = get_analyzer(args.face_root, args.face_pack, args.provider, args.det_size)
-        layouts, identities = {}, {}
-        for case in tqdm(list({j.case.id: j.case for j in todo}.values()), desc="identities", unit="case",
-                         disable=args.no_progress):
-            layouts[case.id] = case_layout(case, args.width, args.height)
-            identities[case.id] = encode_identities(analyzer, case)
         comps = load_base(args.base, args.tokenizer, args.config_dir)
         gen = Generator(comps, ckpt.projector, load_controlnet_from_checkpoint(ckpt), mode, device, dtype,
                         comps.scheduler_config)
         # group by identity count (one batch = one N), keep case order inside
         todo.sort(key=lambda j: len(j.case.identities))
-        bar = tqdm(total=len(todo), desc="generate", unit="img", disable=args.no_progress)
-        i = 0
-        while i < len(todo):
-            n = len(todo[i].case.identities)
-            batch = [j for j in todo[i:i + args.batch_size] if len(j.case.identities) == n]
-            i += len(batch)
-            lat = gen.latents([j.case.prompt for j in batch], args.negative, [identities[j.case.id] for j in batch],
-                              [layouts[j.case.id].masks for j in batch], [layouts[j.case.id].control for j in batch],
-                              [j.seed for j in batch], args.steps, args.cfg)
-            for j, img in zip(batch, gen.images(lat)):
-                save_png(img, j.path)
-                recorded[j.path.name] = {"case": j.case.id, "seed": j.seed, "pose": layouts[j.case.id].source}
-            write_manifest(out, settings, recorded)
-            bar.update(len(batch))
-        bar.close()
-        print(f"wrote {len(todo)} images to {out}", file=sys.stderr)
+        _write_batches(args, todo, lambda j: len(j.case.identities), lambda batch: gen.images(gen.latents(
+            [j.case.prompt for j in batch], args.negative, [identities[j.case.id] for j in batch],
+            [layouts[j.case.id].masks for j in batch], [layouts[j.case.id].control for j in batch],
+            [j.seed for j in batch], args.steps, args.cfg)), layouts, out, settings, recorded)
     return _evaluate(args, out)
+
+
+def _pending(args, cases, seeds, jobs, out: Path, settings: dict, control: str):
+    """``(recorded, todo, layouts, identities)``: the manifest is checked (a run with other settings into the same
+    folder is refused) and, when images are missing, written; every pending case's layout (``control`` style) and
+    identities are made first, so bad poses or reference photos fail before any model loads."""
+    from tqdm import tqdm
+
+    from instantfamily_core.faces import get_analyzer
+    recorded = check_manifest(out, settings)
+    todo = [j for j in jobs if not j.path.is_file()]
+    print(f"{len(jobs)} images ({len(cases)} cases × {len(seeds)} seeds): {len(jobs) - len(todo)} already in {out}, "
+          f"{len(todo)} to generate", file=sys.stderr)
+    layouts, identities = {}, {}
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, settings, recorded)
+        analyzer = get_analyzer(args.face_root, args.face_pack, args.provider, args.det_size)
+        for case in tqdm(list({j.case.id: j.case for j in todo}.values()), desc="identities", unit="case",
+                         disable=args.no_progress):
+            layouts[case.id] = case_layout(case, args.width, args.height, control=control)
+            identities[case.id] = encode_identities(analyzer, case)
+    return recorded, todo, layouts, identities
+
+
+def _write_batches(args, todo, group, images_of, layouts, out: Path, settings: dict, recorded: dict) -> None:
+    """Generates ``todo`` (sorted so that jobs of one ``group(job)`` are adjacent) in batches of at most
+    ``--batch-size`` jobs of one group (``images_of(batch)``), saving each image and the manifest after every
+    batch, so an interrupted run continues where it stopped."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=args.no_progress)
+    i = 0
+    while i < len(todo):
+        g = group(todo[i])
+        batch = [j for j in todo[i:i + args.batch_size] if group(j) == g]
+        i += len(batch)
+        for j, img in zip(batch, images_of(batch)):
+            save_png(img, j.path)
+            recorded[j.path.name] = {"case": j.case.id, "seed": j.seed, "pose": layouts[j.case.id].source}
+        write_manifest(out, settings, recorded)
+        bar.update(len(batch))
+    bar.close()
+    print(f"wrote {len(todo)} images to {out}", file=sys.stderr)
 
 
 def _plan(args):
@@ -701,9 +716,6 @@ PLUS_VERSION_ARG = {"auto": "auto (file name)", "v1": "v1", "v2": "v2"}
 
 def run_faceid(args) -> int:
     """The FaceID mode of :func:`run` (``--faceid``)."""
-    from tqdm import tqdm
-
-    from instantfamily_core.faces import get_analyzer
     from instantfamily_core.faceid import FaceIDProjection
     from training import faceid as fid
     from training import sdxl
@@ -721,19 +733,8 @@ def run_faceid(args) -> int:
     if args.clip_vision and not file.is_plus:
         raise OptionError(f"--clip-vision: {file.name} is not a FaceID Plus file; only Plus reads CLIP features")
     settings = faceid_settings(args, kind, dtype)
-    recorded = check_manifest(out, settings)
-    todo = [j for j in jobs if not j.path.is_file()]
-    print(f"{len(jobs)} images ({len(cases)} cases × {len(seeds)} seeds): {len(jobs) - len(todo)} already in {out}, "
-          f"{len(todo)} to generate", file=sys.stderr)
+    recorded, todo, layouts, identities = _pending(args, cases, seeds, jobs, out, settings, "openpose")
     if todo:
-        out.mkdir(parents=True, exist_ok=True)
-        write_manifest(out, settings, recorded)
-        analyzer = get_analyzer(args.face_root, args.face_pack, args.provider, args.det_size)
-        layouts, identities = {}, {}
-        for case in tqdm(list({j.case.id: j.case for j in todo}.values()), desc="identities", unit="case",
-                         disable=args.no_progress):
-            layouts[case.id] = case_layout(case, args.width, args.height, control="openpose")
-            identities[case.id] = encode_identities(analyzer, case)
         kind, comps = load_any_base(args.base, args.tokenizer, args.config_dir, dtype)
         topology = fid.diffusers_topology(comps.unet)
         weights = fid.validate_for(file, topology, Path(args.base).name, PLUS_VERSION_ARG[args.plus_version])
@@ -751,24 +752,12 @@ def run_faceid(args) -> int:
         key = {cid: fid.layout_key(t[2], t[0]) for cid, t in tokens.items()}
         order = list(dict.fromkeys(key.values()))
         todo.sort(key=lambda j: order.index(key[j.case.id]))
-        bar = tqdm(total=len(todo), desc="generate", unit="img", disable=args.no_progress)
-        i = 0
-        while i < len(todo):
-            k = key[todo[i].case.id]
-            batch = [j for j in todo[i:i + args.batch_size] if key[j.case.id] == k]
-            i += len(batch)
-            toks = [tokens[j.case.id] for j in batch]
-            lat = gen.latents([j.case.prompt for j in batch], args.negative, [t[0] for t in toks],
-                              [t[1] for t in toks], toks[0][2], [layouts[j.case.id].masks for j in batch],
-                              [layouts[j.case.id].control for j in batch], [j.seed for j in batch], args.steps,
-                              args.cfg)
-            for j, img in zip(batch, gen.images(lat)):
-                save_png(img, j.path)
-                recorded[j.path.name] = {"case": j.case.id, "seed": j.seed, "pose": layouts[j.case.id].source}
-            write_manifest(out, settings, recorded)
-            bar.update(len(batch))
-        bar.close()
-        print(f"wrote {len(todo)} images to {out}", file=sys.stderr)
+        _write_batches(args, todo, lambda j: key[j.case.id], lambda batch: gen.images(gen.latents(
+            [j.case.prompt for j in batch], args.negative, [tokens[j.case.id][0] for j in batch],
+            [tokens[j.case.id][1] for j in batch], tokens[batch[0].case.id][2],
+            [layouts[j.case.id].masks for j in batch], [layouts[j.case.id].control for j in batch],
+            [j.seed for j in batch], args.steps, args.cfg)),
+            layouts, out, settings, recorded)
     return _evaluate(args, out)
 
 
