@@ -131,33 +131,42 @@ def expected_ip_adapter(lora: bool, topology: Topology) -> dict:
     return keys
 
 
-def read_container(path: str) -> tuple[dict, dict]:
-    """``(image_proj, ip_adapter)`` state dicts of a ``.bin`` pickle (weights_only) or flat ``.safetensors``."""
+def load_tensor_file(path: str, error: type, wrong_suffix: str) -> tuple[str, bool, object]:
+    """``(name, is_safetensors, data)`` of an IP-Adapter-style file: a ``.safetensors`` file's flat dict, or a
+    pickle (``.bin``/``.pt``/``.pth``/``.ckpt``) read with ``torch.load(weights_only=True)`` — never unrestricted
+    unpickling. Every failure is an ``error`` naming the file; ``wrong_suffix``: the message for other suffixes."""
     name = os.path.basename(path)
     if not os.path.isfile(path):
-        raise FaceIDFileError(f"{name}: file not found ({path})")
+        raise error(f"{name}: file not found ({path})")
     lower = name.lower()
     if lower.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
-            flat = load_file(path, device="cpu")
+            return name, True, load_file(path, device="cpu")
         except Exception as e:
-            raise FaceIDFileError(f"{name}: cannot read the safetensors file ({type(e).__name__}: {e})") from None
-        image_proj = {k[len("image_proj."):]: v for k, v in flat.items() if k.startswith("image_proj.")}
+            raise error(f"{name}: cannot read the safetensors file ({type(e).__name__}: {e})") from None
+    if not lower.endswith(PICKLE_SUFFIXES):
+        raise error(wrong_suffix)
+    try:
+        return name, False, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors/dicts, corrupt files
+        raise error(f"{name}: cannot read it as a tensors-only pickle (torch.load(weights_only=True): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); only files that contain "
+                    "nothing but tensors are loaded") from None
+
+
+def read_container(path: str) -> tuple[dict, dict]:
+    """``(image_proj, ip_adapter)`` state dicts of a ``.bin`` pickle (weights_only) or flat ``.safetensors``."""
+    name, flat_file, data = load_tensor_file(path, FaceIDFileError, f"{os.path.basename(path)}: expected a .bin or "
+                                             ".safetensors IP-Adapter-FaceID file")
+    if flat_file:
+        image_proj = {k[len("image_proj."):]: v for k, v in data.items() if k.startswith("image_proj.")}
         ip = {}
         for prefix in ("ip_adapter.", "adapter_modules."):
-            ip.update({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
+            ip.update({k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
         if not image_proj and not ip:
-            _refuse_flat(name, flat)
+            _refuse_flat(name, data)
         return image_proj, ip
-    if not lower.endswith(PICKLE_SUFFIXES):
-        raise FaceIDFileError(f"{name}: expected a .bin or .safetensors IP-Adapter-FaceID file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything beyond tensors/dicts, corrupt files
-        raise FaceIDFileError(f"{name}: cannot read it as a tensors-only pickle (torch.load(weights_only=True): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); only files that "
-                              "contain nothing but tensors are loaded") from None
     if not isinstance(data, dict) or not isinstance(data.get("image_proj"), dict) or not isinstance(
             data.get("ip_adapter"), dict):
         keys = sorted(data)[:5] if isinstance(data, dict) else type(data).__name__

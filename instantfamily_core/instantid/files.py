@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InstantIDFileError
-from ..faceid.files import AdapterWeights, expected_ip_adapter
+from ..faceid.files import AdapterWeights, expected_ip_adapter, load_tensor_file
 from ..faceid.layout import SD15, SDXL, Topology
 
 ID_DIM = 512  # insightface antelopev2 embedding
@@ -112,30 +112,15 @@ def _refuse_flat(name: str, flat: dict):
 def read_instantid_container(path: str) -> tuple[dict, dict]:
     """``(image_proj, ip_adapter)`` of a ``.bin`` pickle (weights_only; nested or prefixed) or flat
     ``.safetensors``; raises :class:`InstantIDFileError` naming what an unsuitable file is."""
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise InstantIDFileError(f"{name}: file not found ({path})")
-    lower = name.lower()
-    if lower.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            flat = load_file(path, device="cpu")
-        except Exception as e:
-            raise InstantIDFileError(f"{name}: cannot read the safetensors file ({type(e).__name__}: {e})") from None
-        image_proj, ip = _split_flat(flat)
+    base = os.path.basename(path)
+    name, flat_file, data = load_tensor_file(path, InstantIDFileError, (
+        f"{base}: expected InstantID's ip-adapter.bin (or a .safetensors conversion of it), got a "
+        f"{os.path.splitext(base)[1] or 'extension-less'} file"))
+    if flat_file:
+        image_proj, ip = _split_flat(data)
         if not image_proj and not ip:
-            _refuse_flat(name, flat)
+            _refuse_flat(name, data)
         return image_proj, ip
-    if not lower.endswith(PICKLE_SUFFIXES):
-        raise InstantIDFileError(f"{name}: expected InstantID's ip-adapter.bin (or a .safetensors conversion of "
-                                 f"it), got a {os.path.splitext(name)[1] or 'extension-less'} file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything beyond tensors/dicts, corrupt files
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise InstantIDFileError(f"{name}: cannot read it as a tensors-only pickle (torch.load(weights_only=True): "
-                                 f"{type(e).__name__}: {first}); only files that contain nothing but tensors are "
-                                 "loaded") from None
     if not isinstance(data, dict):
         raise InstantIDFileError(f"{name}: expected a dict with 'image_proj' and 'ip_adapter', found a "
                                  f"{type(data).__name__}; not an InstantID adapter file")
