@@ -47,26 +47,17 @@ def server(request, tmp_path_factory):
     two workflows' models held in ComfyUI's cache."""
     from support import faceid_files as ff
     from support import sdxl_files as sx
+    from test_faceid_server import faceid_server
     from tools.devkit.comfy_host import import_host
-    from tools.devkit.comfy_server import ComfyServer
     from tools.devkit.face_models import make_tiny_pack
     import_host()
     from support import comfy_files
 
-    class Server(ComfyServer):
-        def _yaml(self):
-            path = super()._yaml()
-            with open(path, "a") as f:
-                f.write("  ipadapter: models/ipadapter\n  controlnet: models/controlnet\n")
-            return path
-
     files = {k: sx.cached_sdxl(k) for k in ("checkpoint", "openpose_thibaud", "openpose_xinsir")}
     base = tmp_path_factory.mktemp("comfy_faceid_sdxl")
-    srv = Server(base, extra_args=("--bf16-unet",))
+    srv = faceid_server(base, ("--bf16-unet",))
     srv.workflow = request.param
     models = base / "models"
-    for d in ("ipadapter", "controlnet"):
-        (models / d).mkdir(parents=True, exist_ok=True)
     os.symlink(files["checkpoint"], models / "checkpoints" / "sd_xl_base_1.0.safetensors")
     os.symlink(files["openpose_thibaud"], models / "controlnet" / "OpenPoseXL2.safetensors")
     os.symlink(files["openpose_xinsir"], models / "controlnet" / "xinsir-openpose-sdxl-1.0.safetensors")

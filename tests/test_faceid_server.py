@@ -29,14 +29,9 @@ RUN = ["faceid_2_people_pose_from_photo", "faceid_4_people_template"]
 COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from support import faceid_files as ff
-    from tools.devkit.comfy_host import import_host
+def faceid_server(base, extra_args: tuple = ()):
+    """A ComfyUI server whose model paths also list ``models/ipadapter`` and ``models/controlnet`` (both made)."""
     from tools.devkit.comfy_server import ComfyServer
-    from tools.devkit.face_models import make_tiny_pack
-    import_host()
-    from support import comfy_files
 
     class Server(ComfyServer):
         def _yaml(self):
@@ -45,11 +40,22 @@ def server(tmp_path_factory):
                 f.write("  ipadapter: models/ipadapter\n  controlnet: models/controlnet\n")
             return path
 
-    base = tmp_path_factory.mktemp("comfy_faceid")
-    srv = Server(base)
-    models = base / "models"
     for d in ("ipadapter", "controlnet"):
-        (models / d).mkdir(parents=True, exist_ok=True)
+        (base / "models" / d).mkdir(parents=True, exist_ok=True)
+    return Server(base, extra_args=extra_args)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from support import faceid_files as ff
+    from tools.devkit.comfy_host import import_host
+    from tools.devkit.face_models import make_tiny_pack
+    import_host()
+    from support import comfy_files
+
+    base = tmp_path_factory.mktemp("comfy_faceid")
+    srv = faceid_server(base)
+    models = base / "models"
     os.symlink(ff.cached_full_size("checkpoint"), models / "checkpoints" / "v1-5-pruned-emaonly.safetensors")
     os.symlink(ff.cached_full_size("controlnet"), models / "controlnet" / "control_v11p_sd15_openpose.pth")
     ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))

@@ -35,14 +35,22 @@ COLOURS = [(0, 200, 0), (0, 0, 200), (200, 200, 0)]
 def ws(tmp_path_factory):
     """Tiny base + exported checkpoint, tiny face pack, reference photos, a cases file with a pose case, a boxes
     case and a slot-less (template) case."""
-    from PIL import Image
-
-    from tools.devkit.face_models import draw_faces, session_tiny_root
-    from support.poses import frame, person
+    from tools.devkit.face_models import session_tiny_root
     from support.tiny_sd15 import write_tiny_setup
     root = tmp_path_factory.mktemp("generate")
     setup = write_tiny_setup(root / "base", seed=5, unet={"block_out_channels": [320, 640]})
     face_root = session_tiny_root(tmp_path_factory)
+    cases_file = write_cases(root, solo=True)
+    return {"root": root, "setup": setup, "face_root": face_root, "cases": cases_file}
+
+
+def write_cases(root, solo: bool) -> Path:
+    """``root/cases/cases.json`` with reference photos and a pose: a pose case (person order reversed, one person
+    with two photos), a boxes case and, with ``solo``, a slot-less (template) case."""
+    from PIL import Image
+
+    from support.poses import frame, person
+    from tools.devkit.face_models import draw_faces
     refs = root / "cases" / "refs"
     refs.mkdir(parents=True)
     for i, c in enumerate(COLOURS):
@@ -56,11 +64,11 @@ def ws(tmp_path_factory):
         {"id": "boxes", "prompt": "two people, boxes", "identities": [{"name": "a", "images": ["refs/p0.png"]},
                                                                       {"name": "c", "images": ["refs/p2.png"]}],
          "slots": {"boxes": [[0.05, 0.1, 0.45, 0.5], [0.55, 0.2, 0.95, 0.6]], "units": "relative"}},
-        {"id": "solo", "prompt": "one person", "identities": [{"name": "b", "images": ["refs/p1.png"]}]},
-    ]}
+    ] + ([{"id": "solo", "prompt": "one person", "identities": [{"name": "b", "images": ["refs/p1.png"]}]}]
+         if solo else [])}
     cases_file = root / "cases" / "cases.json"
     cases_file.write_text(json.dumps(cases))
-    return {"root": root, "setup": setup, "face_root": face_root, "cases": cases_file}
+    return cases_file
 
 
 def cli_args(ws, out, *extra):

@@ -24,12 +24,11 @@ import pytest
 import torch
 
 from support.sdxl_files import SDXL_CONTROLNET_CONFIG
+from test_generate import SIZE, write_cases
 
 pytest.importorskip("diffusers", reason="the generate CLI needs diffusers: pip install diffusers accelerate")
 
-SIZE = 64
 STEPS = 3
-COLOURS = [(0, 200, 0), (0, 0, 200), (200, 200, 0)]
 SDXL_TINY_UNET = {"block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8],
                   "transformer_layers_per_block": [1, 1, 2], "addition_time_embed_dim": 8,
                   "projection_class_embeddings_input_dim": 32 + 6 * 8, "sample_size": 8}
@@ -163,16 +162,14 @@ def build_sdxl(folder: Path, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from PIL import Image
     from safetensors.torch import save_file
     from diffusers import ControlNetModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from support.faceid_files import reduced_parts, write_bin
-    from support.poses import frame, person
     from support.sd15_writers import save_single_file
     from support.tiny_sd15 import build_from_configs, write_tiny_config_dir
-    from tools.devkit.face_models import draw_faces, session_tiny_root
+    from tools.devkit.face_models import session_tiny_root
     root = tmp_path_factory.mktemp("faceid-generate")
     w: dict = {"root": root, "face_root": session_tiny_root(tmp_path_factory)}
     # SD1.5-like: CrossAttnDown ×2, one transformer each, 768-d text
@@ -207,22 +204,7 @@ def ws(tmp_path_factory):
     vit = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H)).eval()
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(root / "CLIP-ViT-H-14-tiny.safetensors"))
     w.update(vit=vit, vit_file=root / "CLIP-ViT-H-14-tiny.safetensors")
-    # cases: a pose case (person order reversed, one person with two photos) and a boxes case
-    refs = root / "cases" / "refs"
-    refs.mkdir(parents=True)
-    for i, c in enumerate(COLOURS):
-        Image.fromarray(draw_faces((256, 256), [(128, 128)], [c])).save(refs / f"p{i}.png")
-    pose = frame([person(18, 20, s=6), person(46, 22, s=6)], w=SIZE, h=SIZE)
-    (root / "cases" / "pair.pose.json").write_text(json.dumps(pose))
-    cases = {"cases": [
-        {"id": "pair", "prompt": "two people", "identities": [{"name": "a", "images": ["refs/p0.png"]},
-                                                              {"name": "b", "images": ["refs/p1.png", "refs/p2.png"]}],
-         "slots": {"pose": "pair.pose.json", "identity_order": [1, 0]}},
-        {"id": "boxes", "prompt": "two people, boxes", "identities": [{"name": "a", "images": ["refs/p0.png"]},
-                                                                      {"name": "c", "images": ["refs/p2.png"]}],
-         "slots": {"boxes": [[0.05, 0.1, 0.45, 0.5], [0.55, 0.2, 0.95, 0.6]], "units": "relative"}}]}
-    w["cases"] = root / "cases" / "cases.json"
-    w["cases"].write_text(json.dumps(cases))
+    w["cases"] = write_cases(root, solo=False)  # test_generate's pose case and boxes case
     return w
 
 
@@ -302,16 +284,6 @@ def test_tiny_topologies_and_single_files_load(ws, base):
     fid.check_processor_order(comps.unet, topo)
 
 
-# ComfyUI 0.3.64's unet_config of sd_xl_base_1.0 (model detection + SDXL's unet_extra_config)
-COMFY_SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-                   "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
-                   "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-                   "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "channel_mult": [1, 2, 4],
-                   "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
-                   "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": -1,
-                   "num_head_channels": 64}
-
-
 def test_published_sdxl_single_file_layout_loads(monkeypatch):
     """Every tensor of sd_xl_base_1.0's single-file layout — its key names and shapes as ComfyUI writes them
     (``BaseModel.state_dict_for_saving`` of its SDXL UNet, ``SDXLClipModel`` and VAE, on the meta device) — lands
@@ -320,20 +292,9 @@ def test_published_sdxl_single_file_layout_loads(monkeypatch):
     if find_comfyui() is None:
         pytest.skip(HOW_TO_PROVIDE)
     import_host()
-    import comfy.ldm.models.autoencoder
-    import comfy.sdxl_clip
-    import comfy.supported_models
-
+    from support.sdxl_files import sdxl_base_on_meta
     from training import sd15, sdxl
-    cfg = comfy.supported_models.SDXL(dict(COMFY_SDXL_UNET))
-    cfg.set_inference_dtype(torch.float16, None)
-    vae_cfg = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    with torch.device("meta"):
-        base = cfg.get_model({})
-        clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
-        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=vae_cfg, embed_dim=4)
-    full = base.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    full = sdxl_base_on_meta()[-1]
     assert len(full) == 2515
     published = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in full.items()}
     monkeypatch.setattr(sd15, "read_state_dict", lambda path, what="base model": dict(published))

@@ -246,10 +246,9 @@ def write_controlnet(kind: str, path: str, seed: int = 7) -> None:
 
 # ---------------------------------------------------------------- SDXL base single file
 
-def checkpoint_specs() -> tuple[list, dict]:
-    """``([(name, shape, dtype)], name -> kind)`` of sd_xl_base_1.0's single-file layout, from ComfyUI's SDXL
-    UNet, ``SDXLClipModel`` and ``AutoencoderKL`` on the meta device through ComfyUI's own save path
-    (``state_dict_for_saving``): 2515 tensors (UNet 1680, CLIP-L + OpenCLIP-bigG 587, VAE 248)."""
+def sdxl_base_on_meta():
+    """``(config, base model, SDXLClipModel, AutoencoderKL, state dict)`` of SDXL base on the meta device: ComfyUI's
+    modules and its own save path (``state_dict_for_saving``) give sd_xl_base_1.0's single-file names and shapes."""
     import comfy.ldm.models.autoencoder
     import comfy.sdxl_clip
     import comfy.supported_models
@@ -261,8 +260,15 @@ def checkpoint_specs() -> tuple[list, dict]:
         base = cfg.get_model({})
         clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
         vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=vae_ddconfig, embed_dim=4)
+    return cfg, base, clip, vae, base.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+
+
+def checkpoint_specs() -> tuple[list, dict]:
+    """``([(name, shape, dtype)], name -> kind)`` of sd_xl_base_1.0's single-file layout, from ComfyUI's SDXL
+    UNet, ``SDXLClipModel`` and ``AutoencoderKL`` on the meta device through ComfyUI's own save path
+    (``state_dict_for_saving``): 2515 tensors (UNet 1680, CLIP-L + OpenCLIP-bigG 587, VAE 248)."""
+    cfg, base, clip, vae, full = sdxl_base_on_meta()
     clip_sd = clip.state_dict()
-    full = base.state_dict_for_saving(clip_sd, vae.state_dict())
     kinds = {f"model.diffusion_model.{k}": v for k, v in _module_kinds(base.diffusion_model).items()}
     kinds.update({f"first_stage_model.{k}": v for k, v in _module_kinds(vae).items()})
     # the CLIP conversion renames, fuses q/k/v and transposes: send one-element markers through it
