@@ -20,7 +20,7 @@ from .controlnet import InstantFamilyControlNet, build_controlnet
 from .convert import parse_weights
 from .face_nodes import CATEGORY, IDENTITIES
 from .file_cache import FileCache
-from .patch import InstantFamilyAttention, patch_model
+from .patch import BASES, InstantFamilyAttention, patch_model
 from .pose_nodes import check_masks
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,6 @@ class InstantFamilyLoader:
 
     def load(self, checkpoint):
         return (load_instantfamily(folder_paths.get_full_path_or_raise(paths.CHECKPOINTS_FOLDER, checkpoint)),)
-
-
-BASES = {"SD15": ("Stable Diffusion 1.5", "SD1.5"), "SDXL": ("SDXL", "SDXL")}
-"""ComfyUI model-config classes (``comfy.supported_models``) a node can accept: (long name, short name)."""
 
 
 def check_base(model, bases=("SD15",), who: str = "InstantFamily") -> str:

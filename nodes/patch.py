@@ -341,6 +341,10 @@ def attn2_modules(diffusion_model) -> dict:
     return found
 
 
+BASES = {"SD15": ("Stable Diffusion 1.5", "SD1.5"), "SDXL": ("SDXL", "SDXL")}
+"""ComfyUI model-config classes (``comfy.supported_models``) this pack knows: (long name, short name)."""
+
+
 def live_topology(model, name: str = ""):
     """The core :class:`~instantfamily_core.faceid.Topology` of a ModelPatcher's (or a UNet's) cross-attentions,
     read from the live modules: each block's transformer count, width, heads, and the text width. Named after the
@@ -357,8 +361,8 @@ def live_topology(model, name: str = ""):
     if len(context) != 1:
         raise ValueError(f"cross-attentions read text of several widths {sorted(context)}")
     config = getattr(getattr(model, "model", None), "model_config", None)
-    family = {"SD15": "SD1.5", "SDXL": "SDXL"}.get(type(config).__name__, type(config).__name__) \
-        if config is not None else "SD-family"
+    family = BASES.get(type(config).__name__, (None, type(config).__name__))[1] if config is not None else \
+        "SD-family"
     topo = Topology.from_sites(name or f"a non-standard {family} UNet", sites, context.pop(), res)
     known = PUBLISHED.get(topo.context_dim)
     if known is not None and (known.blocks, known.res_blocks) == (topo.blocks, topo.res_blocks):
