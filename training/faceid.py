@@ -359,7 +359,7 @@ def load_openpose_controlnet(path, unet, base_label: str, dtype: torch.dtype = t
     if widths and int(widths[0]) != ctx:
         raise BaseModelError(f"{name} is an {base_name(widths[0])} ControlNet ({widths[0]}-d text) but --base "
                              f"{base_label} is {base} ({ctx}-d text); use {OPENPOSE_HINT.get(base, 'a ControlNet of the base')}")
-    from training.sdxl import load_into
+    from training.sd15 import load_into
     cn = load_into(target, converted, "ControlNet", name, dtype)
     return cn.requires_grad_(False).eval()
 
@@ -416,7 +416,7 @@ def load_clip_vision(path, dtype: torch.dtype = torch.float32):
         model = sd15._empty(lambda: CLIPVisionModel(cfg))
         own = "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
         state = {own + k: v for k, v in bare.items() if not k.endswith("position_ids")}
-        from training.sdxl import load_into
+        from training.sd15 import load_into
         model = load_into(model, state, "CLIP vision", name)
     if width != CLIP_DIM:
         raise ModelFileError(f"{name}: a CLIP vision model {width} wide; FaceID Plus reads ViT-H/14 ({CLIP_DIM})")

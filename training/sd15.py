@@ -250,21 +250,22 @@ def text_encoder_state(sd: dict, model_keys: list[str], prefix: str = TEXT_PREFI
     return out
 
 
-def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
-               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_into(model: torch.nn.Module, sd: dict, what: str, name: str, dtype: torch.dtype = torch.float32,
+              arch: str = "", hint: str = "") -> torch.nn.Module:
     """Load ``sd`` into an empty (meta) ``model`` in ``dtype``: every persistent tensor present, names and shapes as
-    the model has them."""
+    the model has them, else a :class:`ModelFileError` naming the file, what differs and ``arch`` (e.g. "SD1.5";
+    empty: "the expected architecture"), followed by ``hint``."""
     expected = model.state_dict()
     persistent = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
     missing = sorted(set(persistent) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ModelFileError(f"{name}: the {what} weights do not match the SD1.5 architecture (missing "
-                             f"{len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]}); is it "
-                             "an SD1.5 checkpoint, and is the config folder right for it?")
+        raise ModelFileError(f"{name}: the {what} weights do not match the {arch or 'expected'} architecture (missing "
+                             f"{len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]}){hint}")
     bad = [f"{k} {tuple(sd[k].shape)} ≠ {tuple(v.shape)}" for k, v in persistent.items() if sd[k].shape != v.shape]
     if bad:
-        raise ModelFileError(f"{name}: {len(bad)} {what} tensors have the wrong shape for SD1.5 ({bad[:3]})")
+        raise ModelFileError(f"{name}: {len(bad)} {what} tensors have the wrong shape{' for ' + arch if arch else ''} "
+                             f"({bad[:3]})")
     # convert one tensor at a time, dropping the stored one as we go: peak memory ≈ the model in ``dtype``
     # (callers hand over the only references, see load_single_file)
     converted = {}
@@ -273,9 +274,14 @@ def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
         converted[k] = v.to(dtype) if v.is_floating_point() else v
         del v
     model.load_state_dict(converted, strict=False, assign=True)
-    if dtype != torch.float32:
-        model.to(dtype)
     return model
+
+
+def _load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """:func:`load_into` for SD1.5 files."""
+    return load_into(model, sd, what, name, dtype, "SD1.5", "; is it an SD1.5 checkpoint, and is the config "
+                     "folder right for it?")
 
 
 def _drop(sd: dict, prefix: str) -> None:

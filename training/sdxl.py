@@ -119,28 +119,6 @@ def _rename_to(model_keys: list[str], sd: dict) -> dict:
     return out
 
 
-def load_into(model: torch.nn.Module, sd: dict, what: str, name: str,
-              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load ``sd`` into an empty (meta) ``model`` in ``dtype``: every persistent tensor present, names and shapes as
-    the model has them, else a :class:`ModelFileError` naming the option's file and what differs."""
-    expected = model.state_dict()
-    persistent = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
-    missing = sorted(set(persistent) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ModelFileError(f"{name}: the {what} weights do not match the expected architecture (missing "
-                             f"{len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]})")
-    bad = [f"{k} {tuple(sd[k].shape)} ≠ {tuple(v.shape)}" for k, v in persistent.items() if sd[k].shape != v.shape]
-    if bad:
-        raise ModelFileError(f"{name}: {len(bad)} {what} tensors have the wrong shape ({bad[:3]})")
-    converted = {}
-    for k in list(sd):
-        v = sd.pop(k)
-        converted[k] = v.to(dtype) if v.is_floating_point() else v
-    model.load_state_dict(converted, strict=False, assign=True)
-    return model
-
-
 def check_sdxl_single_file(sd: dict, name: str) -> None:
     missing = [what for what, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("CLIP-L text encoder",
                                                                                       TEXT_PREFIX),
@@ -184,18 +162,19 @@ def load_single_file(path: Path, config_dir: Path = CONFIG_DIR, tokenizers=(None
     text = sd15._empty(lambda: CLIPTextModel(t1_cfg))
     part = sd15.text_encoder_state(sd, list(text.state_dict()), TEXT_PREFIX)
     sd15._drop(sd, TEXT_PREFIX)
-    text = load_into(text, part, "CLIP-L text encoder", name, dtype)
+    text = sd15.load_into(text, part, "CLIP-L text encoder", name, dtype)
     text2 = sd15._empty(lambda: CLIPTextModelWithProjection(t2_cfg))
     part = convert_open_clip_checkpoint(text2, {k: v for k, v in sd.items() if k.startswith(TEXT2_PREFIX)},
                                         prefix=TEXT2_PREFIX)
     sd15._drop(sd, TEXT2_PREFIX)
-    text2 = load_into(text2, _rename_to(list(text2.state_dict()), part), "OpenCLIP-bigG text encoder", name, dtype)
+    text2 = sd15.load_into(text2, _rename_to(list(text2.state_dict()), part), "OpenCLIP-bigG text encoder", name,
+                           dtype)
     part = convert_ldm_vae_checkpoint(sd, vae_cfg)
     sd15._drop(sd, VAE_PREFIX)
-    vae = load_into(sd15._empty(lambda: AutoencoderKL.from_config(vae_cfg)), part, "VAE", name, dtype)
+    vae = sd15.load_into(sd15._empty(lambda: AutoencoderKL.from_config(vae_cfg)), part, "VAE", name, dtype)
     part = convert_ldm_unet_checkpoint(sd, unet_cfg)
     sd.clear()
-    unet = load_into(sd15._empty(lambda: UNet2DConditionModel.from_config(unet_cfg)), part, "UNet", name, dtype)
+    unet = sd15.load_into(sd15._empty(lambda: UNet2DConditionModel.from_config(unet_cfg)), part, "UNet", name, dtype)
     tok, tok2 = tokenizers
     return SDXLComponents(unet, vae, text, text2, tok, tok2, sd15.read_scheduler_config(config_dir))
 

@@ -241,11 +241,14 @@ def detect_variant(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter",
     return "faceid", tokens
 
 
-def _check_keys(part: str, got: dict, want: dict, name: str, base: str) -> None:
+def check_keys(part: str, got: dict, want: dict, name: str, layout: str, error: type = FaceIDFileError) -> None:
+    """Strict key and shape check of one part of a file against ``want`` (``{key: shape}``): an ``error`` naming the
+    file, the part, the ``layout`` (e.g. "SD1.5 FaceID") and the first missing, unexpected and mis-shaped keys."""
+    def shape(k):
+        return tuple(getattr(got[k], "shape", ()))
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
-    bad = [f"{k} {tuple(got[k].shape)} (expected {want[k]})" for k in want
-           if k in got and tuple(got[k].shape) != tuple(want[k])]
+    bad = [f"{k} {shape(k)} (expected {tuple(want[k])})" for k in want if k in got and shape(k) != tuple(want[k])]
     if missing or extra or bad:
         parts = []
         if missing:
@@ -254,7 +257,7 @@ def _check_keys(part: str, got: dict, want: dict, name: str, base: str) -> None:
             parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
         if bad:
             parts.append(f"wrong shapes: {bad[:3]}")
-        raise FaceIDFileError(f"{name}: {part} does not match the {base} FaceID layout: {'; '.join(parts)}")
+        raise error(f"{name}: {part} does not match the {layout} layout: {'; '.join(parts)}")
 
 
 def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter", plus_version: str = PLUS_VERSIONS[0],
@@ -264,11 +267,12 @@ def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter", plus_
     topology = topology or base_topology(image_proj, ip_adapter, name)
     variant, tokens = detect_variant(image_proj, ip_adapter, name, plus_version, topology.context_dim)
     base = topology.name
-    _check_keys("image_proj", image_proj, expected_image_proj(variant, tokens, topology.context_dim), name, base)
+    check_keys("image_proj", image_proj, expected_image_proj(variant, tokens, topology.context_dim), name,
+               f"{base} FaceID")
     lora_keys = [k for k in ip_adapter if "_lora." in k]
     if variant == "portrait" and lora_keys:
         raise FaceIDFileError(f"{name}: a 16-token (Portrait) projection with LoRA keys is not a published layout")
-    _check_keys("ip_adapter", ip_adapter, expected_ip_adapter(bool(lora_keys), topology), name, base)
+    check_keys("ip_adapter", ip_adapter, expected_ip_adapter(bool(lora_keys), topology), name, f"{base} FaceID")
     for k, v in list(image_proj.items()) + list(ip_adapter.items()):
         if not v.is_floating_point():
             raise FaceIDFileError(f"{name}: tensor {k} is {v.dtype}, expected floating point weights")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InstantIDFileError
-from ..faceid.files import AdapterWeights, expected_ip_adapter, load_tensor_file
+from ..faceid.files import AdapterWeights, check_keys, expected_ip_adapter, load_tensor_file
 from ..faceid.layout import SD15, SDXL, Topology
 
 ID_DIM = 512  # insightface antelopev2 embedding
@@ -201,22 +201,6 @@ def _refuse_other_adapters(image_proj: dict, ip_adapter: dict, name: str, topolo
                                  f"{topology.describe()} needs {topology.context_dim}-d")
 
 
-def _check_keys(part: str, got: dict, want: dict, name: str, base: str) -> None:
-    missing = [k for k in want if k not in got]
-    extra = [k for k in got if k not in want]
-    bad = [f"{k} {tuple(got[k].shape)} (expected {tuple(want[k])})" for k in want
-           if k in got and tuple(getattr(got[k], "shape", ())) != tuple(want[k])]
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
-        if bad:
-            parts.append(f"wrong shapes: {bad[:3]}")
-        raise InstantIDFileError(f"{name}: {part} does not match the {base} InstantID layout: {'; '.join(parts)}")
-
-
 def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter.bin",
              topology: Topology | None = None) -> InstantIDWeights:
     """Check every key and shape (strict, as the reference loads them) against ``topology`` (default: SDXL), after
@@ -227,8 +211,9 @@ def validate(image_proj: dict, ip_adapter: dict, name: str = "ip-adapter.bin",
         if bad:
             raise InstantIDFileError(f"{name}: {part}.{bad[0]} is a {type(sd[bad[0]]).__name__}, not a tensor")
     _refuse_other_adapters(image_proj, ip_adapter, name, topology)
-    _check_keys("image_proj", image_proj, expected_image_proj(topology.context_dim), name, topology.name)
-    _check_keys("ip_adapter", ip_adapter, expected_ip_adapter(False, topology), name, topology.name)
+    layout = f"{topology.name} InstantID"
+    check_keys("image_proj", image_proj, expected_image_proj(topology.context_dim), name, layout, InstantIDFileError)
+    check_keys("ip_adapter", ip_adapter, expected_ip_adapter(False, topology), name, layout, InstantIDFileError)
     for k, v in list(image_proj.items()) + list(ip_adapter.items()):
         if not v.is_floating_point():
             raise InstantIDFileError(f"{name}: tensor {k} is {v.dtype}, expected floating point weights")
