@@ -31,18 +31,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InstantIDFileError
-from ..faceid.files import AdapterWeights, check_keys, expected_ip_adapter, load_tensor_file
+from ..faceid.files import EXTENSIONS, ID_DIM, AdapterWeights, check_keys, expected_ip_adapter, load_tensor_file
 from ..faceid.layout import SD15, SDXL, Topology
 
-ID_DIM = 512  # insightface antelopev2 embedding
 DIM = 1280
 DEPTH = 4
 DIM_HEAD = 64
 HEADS = 20
 NUM_TOKENS = 16
 FF_MULT = 4
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-EXTENSIONS = PICKLE_SUFFIXES + (".safetensors",)
 PUBLISHED_BYTES = 1_691_134_141  # ip-adapter.bin, sha256 02b3618e36d8…
 
 

@@ -156,10 +156,16 @@ SD15_UNET = FULL_UNET
 def meta_sd15():
     """A ModelPatcher around ComfyUI's full-size SD1.5 UNet with its parameters on the ``meta`` device (shapes and
     module tree without memory; model sampling on the CPU). Enough for key maps, LoRA patches and hooks."""
+    return meta_patcher("SD15", SD15_UNET)
+
+
+def meta_patcher(config_class: str, unet_config: dict):
+    """A ModelPatcher around ComfyUI's ``comfy.supported_models.<config_class>`` UNet of ``unet_config`` with its
+    parameters on the ``meta`` device and model sampling on the CPU."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
-    cfg = comfy.supported_models.SD15(dict(SD15_UNET))
+    cfg = getattr(comfy.supported_models, config_class)(dict(unet_config))
     cfg.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
         base = cfg.get_model({})

@@ -131,15 +131,8 @@ def tiny_sdxl(seed: int = 0):
 def meta_sdxl():
     """A ModelPatcher around ComfyUI's full-size SDXL UNet with its parameters on the ``meta`` device (70 attn2;
     model sampling on the CPU). Enough for key maps, LoRA patches and hooks."""
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-    cfg = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    cfg.set_inference_dtype(torch.float32, None)
-    with torch.device("meta"):
-        base = cfg.get_model({})
-    base.model_sampling = comfy.model_base.model_sampling(cfg, comfy.model_base.ModelType.EPS)
-    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    from .faceid_files import meta_patcher
+    return meta_patcher("SDXL", SDXL_UNET)
 
 
 def spatial_transformers(unet: torch.nn.Module) -> dict:
