@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -61,8 +62,11 @@ def server(tmp_path_factory):
     ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))
     make_tiny_pack(models / "insightface", "buffalo_l")
     comfy_files.write_face_photos(base / "in", COLORS)
-    with srv:
-        yield srv
+    try:
+        with srv:
+            yield srv
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # the adapter file is ~0.7 GB
 
 
 def shrink(prompt: dict, height: int = 64) -> dict:
