@@ -83,6 +83,7 @@ class Locations:
 FOLDERS = {  # folder name in ComfyUI → default sub-folder of ComfyUI/models
     "insightface": "insightface", "instantfamily": "instantfamily", "controlnet": "controlnet",
     "ipadapter": "ipadapter", "clip_vision": "clip_vision", "loras": "loras", "checkpoints": "checkpoints",
+    "instantid": "instantid",
 }
 
 
@@ -396,6 +397,8 @@ class Models:
     openpose_sdxl: list = field(default_factory=list)  # usable SDXL OpenPose ControlNets
     bases: list = field(default_factory=list)        # SD1.5 checkpoints
     bases_sdxl: list = field(default_factory=list)   # SDXL base checkpoints
+    instantid: list = field(default_factory=list)    # valid InstantID adapters (ip-adapter.bin)
+    identitynet: list = field(default_factory=list)  # usable InstantID IdentityNets
 
     def faceid_loras_for(self, base: str) -> list:
         """Companion LoRA files of a base, told by name as published (``…_sd15_lora``, ``…_sdxl_lora``)."""
@@ -543,11 +546,10 @@ def _clip_width(p: Path) -> Optional[int]:
     return 1280 if "vit-h" in name else None
 
 
-def _read_faceid(p: Path):
-    """Validated :class:`~instantfamily_core.faceid.FaceIDWeights` of a file — the loader node's check. A ``.bin``
-    (zip) is memory-mapped, so a 1.5 GB SDXL file is not read into memory; anything unusual goes through
-    ``load_faceid`` for its message."""
-    from instantfamily_core.faceid import load_faceid, validate
+def _read_adapter(p: Path, validate, load):
+    """A file's validated adapter weights — the loader node's check (``validate(image_proj, ip_adapter, name)`` of
+    ``instantfamily_core.faceid`` or ``.instantid``). A ``.bin`` (zip) is memory-mapped, so a 1.5 GB SDXL file is
+    not read into memory; anything unusual goes through ``load(path)`` for its message."""
     if p.name.lower().endswith(".bin"):
         import zipfile
 
@@ -555,12 +557,17 @@ def _read_faceid(p: Path):
         if zipfile.is_zipfile(p):
             try:
                 data = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
-            except Exception:  # noqa: BLE001 - load_faceid reports it
+            except Exception:  # noqa: BLE001 - load() reports it
                 data = None
             if isinstance(data, dict) and isinstance(data.get("image_proj"), dict) and \
                     isinstance(data.get("ip_adapter"), dict):
                 return validate(dict(data["image_proj"]), dict(data["ip_adapter"]), p.name)
-    return load_faceid(str(p))
+    return load(str(p))
+
+
+def _read_faceid(p: Path):
+    from instantfamily_core.faceid import load_faceid, validate
+    return _read_adapter(p, validate, load_faceid)
 
 
 def check_faceid(loc: Locations, models: Models) -> list[Check]:
@@ -685,6 +692,53 @@ def check_openpose(loc: Locations, models: Models) -> list[Check]:
     return rows
 
 
+INSTANTID_DOWNLOAD = "https://huggingface.co/InstantX/InstantID"
+IDENTITYNET_NAMES = ("instantid", "instant_id", "instant-id", "identitynet")
+IDENTITYNET_DOWNLOAD = (f"InstantID's IdentityNet (ControlNetModel/diffusion_pytorch_model.safetensors from "
+                        f"{INSTANTID_DOWNLOAD}, renamed e.g. instantid-identitynet-sdxl.safetensors)")
+
+
+def check_instantid(loc: Locations, models: Models) -> list[Check]:
+    """InstantID: every weights file in ``instantid`` (``ip-adapter.bin``: every key and shape, the loader node's
+    check) and the IdentityNet — a ControlNet in ``controlnet`` whose path names InstantID or IdentityNet (its
+    weights are those of any SDXL ControlNet, so the name is what tells it apart)."""
+    rows = []
+    files = _files(loc.get("instantid"))
+    if files:
+        try:
+            from instantfamily_core.instantid import load_instantid, validate
+        except Exception as e:  # noqa: BLE001 - torch broken: said once, not per file
+            return [Check("InstantID files", FAIL, f"cannot check: {type(e).__name__}: {_first_line(e)}",
+                          "fix the rows above first")]
+    for p in files:
+        try:
+            _read_adapter(p, validate, load_instantid)
+        except Exception as e:  # noqa: BLE001 - typed InstantIDFileError, or anything a corrupt file raises
+            rows.append(Check(f"InstantID {p.name}", FAIL, _first_line(e) or type(e).__name__,
+                              f"download ip-adapter.bin again from {INSTANTID_DOWNLOAD} or remove it from "
+                              f"{p.parent}"))
+            continue
+        models.instantid.append(p)
+        rows.append(Check(f"InstantID {p.name}", OK, "SDXL adapter: Resampler and 70 attention pairs"))
+    folders = loc.get("controlnet")
+    for p in _files(folders):
+        rel = next((p.relative_to(f) for f in folders if _is_under(p, f)), Path(p.name))
+        if not any(w in str(rel).lower() for w in IDENTITYNET_NAMES):
+            continue
+        label = f"{p.parent.name}/{p.name}" if p.name.startswith("diffusion_pytorch_model") else p.name
+        try:
+            layout, base = openpose_layout(_tensor_shapes(p))
+            if base != "SDXL":
+                raise _model_file_error(f"a {base} ControlNet; the IdentityNet is an SDXL one")
+        except Exception as e:  # noqa: BLE001 - unreadable container or wrong model
+            rows.append(Check(f"IdentityNet {label}", FAIL, f"not an SDXL ControlNet: {_first_line(e)}",
+                              f"download {IDENTITYNET_DOWNLOAD} into {_where(folders)}"))
+            continue
+        models.identitynet.append(p)
+        rows.append(Check(f"IdentityNet {label}", OK, f"SDXL ControlNet, {layout} layout"))
+    return rows
+
+
 def checkpoint_base(p: Path) -> Optional[str]:
     """``"SD1.5"`` / ``"SDXL"`` / another label for a single-file checkpoint, from its safetensors header: the width
     the UNet's cross-attention reads (768 SD1.5, 1024 SD2.x, 2048 SDXL base; the SDXL refiner reads 1280) and
@@ -735,11 +789,12 @@ def check_bases(loc: Locations, models: Models) -> list[Check]:
     else:
         rows.append(Check("SD1.5 checkpoint", FAIL, f"no SD1.5 model in {where}",
                           f"download an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) into {where}"))
-    sdxl_wanted = any(b == "SDXL" for _, _, b in models.faceid.values()) or bool(models.openpose_sdxl)
+    sdxl_wanted = any(b == "SDXL" for _, _, b in models.faceid.values()) or bool(
+        models.openpose_sdxl or models.instantid or models.identitynet)
     if sdxl:
         rows.append(Check("SDXL checkpoint", OK, listed(sdxl)))
     elif sdxl_wanted:
-        rows.append(Check("SDXL checkpoint", WARN, f"no SDXL base in {where} (the SDXL FaceID mode needs one)",
+        rows.append(Check("SDXL checkpoint", WARN, f"no SDXL base in {where} (the SDXL FaceID and InstantID modes need one)",
                           f"download {SDXL_BASE_DOWNLOAD} into {where}"))
     return rows
 
@@ -770,8 +825,8 @@ def _faceid_missing(loc: Locations, models: Models, base: str) -> list[str]:
 
 
 def mode_rows(loc: Locations, models: Models) -> list[Check]:
-    """Which way of generating is ready — InstantFamily, public weights (FaceID) on SD1.5, on SDXL; FAIL when none
-    is."""
+    """Which way of generating is ready — InstantFamily, public weights (FaceID) on SD1.5, on SDXL, InstantID; FAIL
+    when none is."""
     rows = []
     if_missing = []
     if not models.checkpoints:
@@ -801,6 +856,19 @@ def mode_rows(loc: Locations, models: Models) -> list[Check]:
         else:
             rows.append(Check(name, WARN, "not ready", "needs " + "; ".join(missing)))
         ready.append(not missing)
+    iid_missing = []
+    if not models.instantid:
+        iid_missing.append(f"ip-adapter.bin from {INSTANTID_DOWNLOAD} in {_where(loc.get('instantid'))}")
+    if not models.identitynet:
+        iid_missing.append(f"{IDENTITYNET_DOWNLOAD} in {_where(loc.get('controlnet'))}")
+    if "antelopev2" not in models.packs:
+        iid_missing.append(f"face pack antelopev2 (what InstantID was trained with) in "
+                           f"{_where(loc.get('insightface'))}/models/")
+    if not models.bases_sdxl:
+        iid_missing.append(f"{SDXL_BASE_DOWNLOAD} in {_where(loc.get('checkpoints'))}")
+    rows.append(Check("mode: InstantID (SDXL)", WARN if iid_missing else OK, "not ready" if iid_missing else "ready",
+                      "needs " + "; ".join(iid_missing) if iid_missing else ""))
+    ready.append(not iid_missing)
     if not any(ready):
         rows.append(Check("ready to generate", FAIL, "no mode has all its files",
                           "complete one of the mode rows above"))
@@ -826,6 +894,7 @@ def run_checks(loc: Locations, tried: Iterable[str] = (), importer=importlib.imp
             ("checkpoints", lambda: check_checkpoints(loc, models)),
             ("FaceID", lambda: check_faceid(loc, models)),
             ("OpenPose ControlNet", lambda: check_openpose(loc, models)),
+            ("InstantID", lambda: check_instantid(loc, models)),
             ("base checkpoints", lambda: check_bases(loc, models)),
             ("modes", lambda: mode_rows(loc, models)),
         ]

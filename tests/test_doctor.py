@@ -705,6 +705,60 @@ def test_sdxl_only_install(good, tmp_path, sdxl_files, capsys):
     assert "ready to generate" not in rows
 
 
+def _write_instantid(path: Path, drop: str = "") -> None:
+    """InstantID's ``ip-adapter.bin`` (nested pickle, FP32) with every published key and shape (Resampler keys from
+    ``support/instantid_files``' registration order, ``to_k_ip``/``to_v_ip`` at the note's widths), each tensor a
+    stride-0 view of one zero (a few kB); ``drop`` leaves one key out."""
+    from support import instantid_files as iif
+    from instantfamily_core.instantid.files import expected_image_proj
+    zero = torch.zeros((), dtype=torch.float32)
+    proj = {k: zero.expand(s) for k, s in expected_image_proj().items()}
+    ip = {f"{p}.to_{w}_ip.weight": zero.expand(iif.sdxl_hidden(p), 2048) for p in iif.SDXL_ATTN2 for w in "kv"}
+    ip.pop(drop, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"image_proj": proj, "ip_adapter": ip}, str(path))
+
+
+@pytest.mark.parametrize("case", ["ready", "no antelopev2", "no identitynet", "broken files"])
+def test_instantid_files_and_mode(good, tmp_path, sdxl_files, capsys, case):
+    """InstantID's adapter in models/instantid is checked key by key, its IdentityNet (an SDXL ControlNet named
+    InstantID/IdentityNet) is recognised, and the mode row says what is missing: antelopev2, the IdentityNet; a
+    truncated adapter and an SD1.5 ControlNet named as an IdentityNet are FAIL rows naming the fix."""
+    root, _ = sdxl_files
+    comfy = _sdxl_install(good, tmp_path, sdxl_files, faceid=())
+    m = comfy / "models"
+    _write_instantid(m / "instantid" / "ip-adapter.bin", drop="139.to_v_ip.weight" if case == "broken files" else "")
+    if case != "no antelopev2":
+        (m / "insightface" / "models" / "antelopev2").symlink_to(m / "insightface" / "models" / "buffalo_l")
+    if case != "no identitynet":
+        (m / "controlnet" / "instantid-identitynet-sdxl.safetensors").symlink_to(
+            root / "controlnet" / "controlnet-openpose-sdxl-1.0" / "diffusion_pytorch_model.safetensors")
+    if case == "broken files":
+        shutil.copy(m / "controlnet" / "control_v11p_sd15_openpose_tiny.safetensors",
+                    m / "controlnet" / "identitynet_sd15.safetensors")
+    rc, rows = _json_rows(comfy, capsys)
+    mode = rows["mode: InstantID (SDXL)"]
+    if case == "broken files":
+        adapter = rows["InstantID ip-adapter.bin"]
+        assert rc == 1 and adapter["status"] == "FAIL" and "139.to_v_ip.weight" in adapter["detail"], adapter
+        assert "InstantX/InstantID" in adapter["fix"]
+        sd15 = rows["IdentityNet identitynet_sd15.safetensors"]
+        assert sd15["status"] == "FAIL" and "SD1.5" in sd15["detail"] and "IdentityNet" in sd15["fix"], sd15
+        assert mode["detail"] == "not ready" and "ip-adapter.bin" in mode["fix"]
+        return
+    assert rc == 0
+    assert rows["InstantID ip-adapter.bin"]["status"] == "ok"
+    if case == "ready":
+        assert rows["IdentityNet instantid-identitynet-sdxl.safetensors"] == {
+            "name": "IdentityNet instantid-identitynet-sdxl.safetensors", "status": "ok",
+            "detail": "SDXL ControlNet, diffusers layout", "fix": ""}
+        assert mode == {"name": "mode: InstantID (SDXL)", "status": "ok", "detail": "ready", "fix": ""}
+    else:
+        want = {"no antelopev2": "face pack antelopev2", "no identitynet": "IdentityNet"}[case]
+        assert mode["status"] == "warn" and mode["detail"] == "not ready" and want in mode["fix"], mode
+        assert ("ip-adapter.bin" in mode["fix"]) is False
+
+
 def test_openpose_layout_tells_sdxl_from_sd15(sdxl_files):
     from instantfamily_core.errors import ModelFileError
     d = _doctor()

@@ -245,19 +245,15 @@ def test_masks_follow_each_blocks_real_size_at_sdxl_resolutions(host, tiny, widt
         assert (grid[:, ~left, 1] == 1).all() and (grid[:, left, 1] == 0).all()
 
 
-@BOTH_CLONE_RULES
-@pytest.mark.parametrize("order", ["faceid_first", "other_first"])
-def test_another_packs_callbacks_act_beside_the_faceid_term_in_both_orders(host, tiny, order):
+def other_pack_acts_beside(host, tiny, apply_ours, order: str) -> None:
+    """``apply_ours(model) -> patched model`` and the stand-in pack (``support/standin_attn2``) applied in ``order``
+    (``ours_first`` / ``other_first``): in every live cross-attention of ``tiny`` the output is text attention + our
+    term + the other pack's term, each measured alone; ``tiny`` is left untouched; the other pack saw the middle
+    block."""
     from support.standin_attn2 import StyleTokens, standin_apply
-    faceid = _tiny_faceid(host, tiny)
-    ids, masks = random_identities(1, 3), torch.ones(1, 32, 32)
     style = StyleTokens(seed=5)
-    if order == "faceid_first":
-        both = standin_apply(_apply(host, tiny, faceid, ids, masks), style)
-    else:
-        both = _apply(host, standin_apply(tiny, style), faceid, ids, masks)
-    only_faceid = _replace(_apply(host, tiny, faceid, ids, masks))
-    only_style = _replace(standin_apply(tiny, style))
+    both = standin_apply(apply_ours(tiny), style) if order == "ours_first" else apply_ours(standin_apply(tiny, style))
+    only_ours, only_style = _replace(apply_ours(tiny)), _replace(standin_apply(tiny, style))
     assert not tiny.model_options.get("transformer_options", {}).get("patches_replace")  # the input untouched
     live = host["patch"].attn2_modules(tiny.model.diffusion_model)
     g = torch.Generator().manual_seed(4)
@@ -268,8 +264,16 @@ def test_another_packs_callbacks_act_beside_the_faceid_term_in_both_orders(host,
         k, v = torch.randn(1, 77, c, generator=g), torch.randn(1, 77, c, generator=g)
         text = ref_attention(q, k, v, heads)[0]
         got = _call(_replace(both)[key[:2]], q, k, v, key, (4, 4), heads)[0].double()
-        f = _call(only_faceid[key[:2]], q, k, v, key, (4, 4), heads)[0].double() - text
+        f = _call(only_ours[key[:2]], q, k, v, key, (4, 4), heads)[0].double() - text
         s = _call(only_style[key[:2]], q, k, v, key, (4, 4), heads)[0].double() - text
         assert f.abs().max() > 1e-3 and s.abs().max() > 1e-3
         torch.testing.assert_close(got, text + f + s, atol=1e-5, rtol=1e-5)
     assert {b for b in style.calls if b[0] == "middle"} == {("middle", 0)}
+
+
+@BOTH_CLONE_RULES
+@pytest.mark.parametrize("order", ["ours_first", "other_first"])
+def test_another_packs_callbacks_act_beside_the_faceid_term_in_both_orders(host, tiny, order):
+    faceid = _tiny_faceid(host, tiny)
+    ids, masks = random_identities(1, 3), torch.ones(1, 32, 32)
+    other_pack_acts_beside(host, tiny, lambda model: _apply(host, model, faceid, ids, masks), order)

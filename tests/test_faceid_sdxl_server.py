@@ -30,7 +30,7 @@ PEAK_LIMIT_GIB = 20.0
 peak = {}
 
 
-def _vm_hwm_gib(proc) -> float:
+def vm_hwm_gib(proc) -> float:
     """The server's peak resident memory (GiB), read while it still runs."""
     if proc.poll() is not None:
         raise AssertionError(f"the ComfyUI server ended early (exit code {proc.returncode}; -9 = killed, e.g. by "
@@ -68,14 +68,15 @@ def server(request, tmp_path_factory):
     try:
         with srv:
             yield srv
-            peak[request.param] = _vm_hwm_gib(srv.proc)
+            peak[request.param] = vm_hwm_gib(srv.proc)
             print(f"\nFaceID SDXL server ({request.param}): peak resident memory {peak[request.param]:.2f} GiB")
             assert peak[request.param] < PEAK_LIMIT_GIB
     finally:
         shutil.rmtree(base, ignore_errors=True)  # a GB-sized adapter file per server: gone before the next one
 
 
-def _prompt(name: str, prefix: str) -> dict:
+def sdxl_prompt(name: str, prefix: str) -> dict:
+    """The bundled API twin ``name``, shrunk to the test size (64 px high), 2 steps, its latent saved."""
     from test_faceid_server import of_class, shrink, with_latent_output
     p = with_latent_output(shrink(load_twin(name)), prefix)
     ks = p[of_class(p, "KSampler")[0]]["inputs"]
@@ -95,18 +96,25 @@ def test_sdxl_workflow_is_a_listed_template_for_sdxl_files(server):
     assert lat["height"] == ptm["height"] == 1024 and lat["width"] == ptm["width"] >= 1024
 
 
-def test_sdxl_workflow_runs_at_full_size_and_reversing_the_photos_changes_the_image(server):
+def runs_and_reversing_the_photos_changes_the_latent(server, name: str, people: int) -> None:
+    """Run workflow ``name`` (shrunk, 2 steps) with its photos as bundled, then with the person photos reversed:
+    both succeed with finite latents, and the reversed one differs."""
     import torch
     from test_faceid_server import of_class, saved_image, saved_latent
-    name = server.workflow
-    saved_image(server, server.run(_prompt(name, f"{name}_on"), timeout=1500))
+    saved_image(server, server.run(sdxl_prompt(name, f"{name}_on"), timeout=1500))
     forward = saved_latent(server, f"{name}_on")
     assert torch.isfinite(forward).all()
-    p = _prompt(name, f"{name}_reversed")
+    p = sdxl_prompt(name, f"{name}_reversed")
     photos = [nid for nid in of_class(p, "LoadImage") if p[nid]["inputs"]["image"].startswith("person_")]
-    assert len(photos) == {"sdxl_faceid_2_people_pose_from_photo": 2, "sdxl_faceid_4_people_template": 4}[name]
+    assert len(photos) == people
     names = [p[nid]["inputs"]["image"] for nid in photos]
     for nid, image in zip(photos, names[::-1]):
         p[nid]["inputs"]["image"] = image
     saved_image(server, server.run(copy.deepcopy(p), timeout=1500))
-    assert (forward - saved_latent(server, f"{name}_reversed")).abs().max() > 1e-4
+    reversed_ = saved_latent(server, f"{name}_reversed")
+    assert torch.isfinite(reversed_).all() and (forward - reversed_).abs().max() > 1e-4
+
+
+def test_sdxl_workflow_runs_at_full_size_and_reversing_the_photos_changes_the_image(server):
+    people = {"sdxl_faceid_2_people_pose_from_photo": 2, "sdxl_faceid_4_people_template": 4}[server.workflow]
+    runs_and_reversing_the_photos_changes_the_latent(server, server.workflow, people)

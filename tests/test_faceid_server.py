@@ -30,18 +30,18 @@ RUN = ["faceid_2_people_pose_from_photo", "faceid_4_people_template"]
 COLORS = [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
 
-def faceid_server(base, extra_args: tuple = ()):
-    """A ComfyUI server whose model paths also list ``models/ipadapter`` and ``models/controlnet`` (both made)."""
+def faceid_server(base, extra_args: tuple = (), folders: tuple = ("ipadapter", "controlnet")):
+    """A ComfyUI server whose model paths also list ``models/<folder>`` for each of ``folders`` (all made)."""
     from tools.devkit.comfy_server import ComfyServer
 
     class Server(ComfyServer):
         def _yaml(self):
             path = super()._yaml()
             with open(path, "a") as f:
-                f.write("  ipadapter: models/ipadapter\n  controlnet: models/controlnet\n")
+                f.write("".join(f"  {d}: models/{d}\n" for d in folders))
             return path
 
-    for d in ("ipadapter", "controlnet"):
+    for d in folders:
         (base / "models" / d).mkdir(parents=True, exist_ok=True)
     return Server(base, extra_args=extra_args)
 

@@ -2,7 +2,8 @@
 cross-attentions at SDXL's places, 2048-d context): the UNet term with one person and a full mask equals the
 reference ``IPAttnProcessor`` formula written out here in every transformer (middle block included); a real sampling
 step with the IdentityNet runs, the identities change the result and reversing them changes it again; the input
-model and ControlNet are left untouched; wrong inputs are typed errors."""
+model and ControlNet are left untouched; another pack's attn2 patch acts beside the term in both orders; wrong
+inputs are typed errors."""
 
 from __future__ import annotations
 
@@ -106,6 +107,15 @@ def test_sampling_with_the_identitynet_runs_and_the_identities_act(host, tiny, i
     assert type(control.control_model).__name__ == "ControlNet"  # the loaded IdentityNet is untouched
     assert all(torch.equal(v, control.control_model.state_dict()[k]) for k, v in before.items())
     assert not tiny.model_options.get("transformer_options", {}).get("patches_replace")
+
+
+@pytest.mark.parametrize("order", ["ours_first", "other_first"])
+def test_another_packs_callbacks_act_beside_the_instantid_term_in_both_orders(host, tiny, instantid, order):
+    """Another pack's attn2 patch (IPAdapter-style, with callbacks) on the same model, before or after Apply
+    InstantID: both terms act in every cross-attention, neither is dropped."""
+    from test_faceid_sdxl import other_pack_acts_beside
+    ids, masks = _ids(1, 3), torch.ones(1, 32, 32)
+    other_pack_acts_beside(host, tiny, lambda model: _apply(host, model, instantid, ids, masks)[0], order)
 
 
 def test_bad_inputs_are_typed_errors(host, tiny, instantid):

@@ -67,10 +67,11 @@ def test_controlnet_config_is_thibauds_config_json_and_builds_the_published_para
 
 # ---------------------------------------------------------------- sizes
 
-@pytest.mark.parametrize("kind", ["openpose_xinsir", "openpose_thibaud", "checkpoint"])
+@pytest.mark.parametrize("kind", ["openpose_xinsir", "openpose_thibaud", "identitynet", "checkpoint"])
 def test_fixture_byte_size_against_the_published_file(kind):
-    """Sizes: xinsir 2,502,139,104 B and thibaud 5,004,167,829 B are reproduced **exactly** (844 diffusers-named
-    tensors; fp16 + padded header / fp32 + unpadded header; no ``__metadata__``). The checkpoint is 6,938,041,144 B,
+    """Sizes: xinsir 2,502,139,104 B, thibaud 5,004,167,829 B and InstantID's IdentityNet 2,502,139,136 B are
+    reproduced **exactly** (844 diffusers-named tensors; fp16 + padded header / fp32 + unpadded header; no
+    ``__metadata__``, except the IdentityNet's ``{"format": "pt"}`` of diffusers' ``save_pretrained``). The checkpoint is 6,938,041,144 B,
     **37,190 B smaller** than sd_xl_base_1.0.safetensors (6,938,078,334 B): same 2515 tensors and data bytes as far as
     the public description goes (3,468,837,868 fp16 parameters + 77 int64 position ids), so the difference is
     header content (e.g. ``__metadata__`` or a differently ordered/extra key) that the public facts do not pin
@@ -78,7 +79,7 @@ def test_fixture_byte_size_against_the_published_file(kind):
     path = sf.cached_sdxl(kind)
     size = os.path.getsize(path)
     n, header = sf.read_header(path)
-    assert "__metadata__" not in header
+    assert header.pop("__metadata__", None) == ({"format": "pt"} if kind == "identitynet" else None)
     end = max(v["data_offsets"][1] for v in header.values())
     assert size == 8 + n + end  # the file is complete
     dtypes = {v["dtype"] for v in header.values()}
@@ -90,7 +91,7 @@ def test_fixture_byte_size_against_the_published_file(kind):
     else:
         assert len(header) == 844
         assert all("." in k and not k.startswith(("control_model.", "model.")) for k in header)
-        if kind == "openpose_xinsir":
+        if kind in ("openpose_xinsir", "identitynet"):
             assert dtypes == {"F16"} and n % 8 == 0
         else:
             assert dtypes == {"F32"} and n % 8 != 0
@@ -99,7 +100,7 @@ def test_fixture_byte_size_against_the_published_file(kind):
 
 # ---------------------------------------------------------------- ComfyUI's ControlNet loader
 
-@pytest.mark.parametrize("kind", ["openpose_xinsir", "openpose_thibaud"])
+@pytest.mark.parametrize("kind", ["openpose_xinsir", "openpose_thibaud", "identitynet"])
 def test_controlnet_loads_through_comfyui_with_no_missing_or_leftover_keys(kind):
     path = sf.cached_sdxl(kind)
     r = sf.run_in_subprocess("probe_controlnet", path)  # ~8-10 GiB peak: alone, in its own process

@@ -154,6 +154,36 @@ FACEID_WORKFLOWS = {
 }
 
 
+# InstantID mode (InstantX/InstantID's ip-adapter.bin + IdentityNet, SDXL)
+CONTROL_INSTANTID = "InstantID: face keypoints (5 per face)"
+INSTANTID_FILE = "ip-adapter.bin"
+IDENTITYNET = "instantid-identitynet-sdxl.safetensors"
+CONTROLNET_SOURCES[IDENTITYNET] = ("InstantX/InstantID: its `ControlNetModel/diffusion_pytorch_model.safetensors`, "
+                                   "renamed")
+
+
+def instantid_prompt(n: int, photo: bool) -> dict:
+    """N people with InstantID: Encode Identity (antelopev2, the pack InstantID was trained on) → Pose to Masks (the
+    keypoint image of all faces) → Apply InstantFamily InstantID (masked UNet term on the model, one masked
+    IdentityNet on both prompts) at 1024 px, CFG 5, ip_weight = cn_strength = 0.8 (the reference's usage)."""
+    p, add = _graph()
+    width, ckpt, ids, ptm, pos, neg = _people(add, n, photo, "antelopev2", CONTROL_INSTANTID, 1024, SDXL_CHECKPOINT)
+    iid = add("InstantFamilyInstantIDLoader", instantid_file=INSTANTID_FILE)
+    cn = add("ControlNetLoader", control_net_name=IDENTITYNET)
+    app = add("ApplyInstantFamilyInstantID", model=[ckpt, 0], instantid=[iid, 0], control_net=[cn, 0],
+              identities=[ids, 0], masks=[ptm, 1], kps_image=[ptm, 0], positive=[pos, 0], negative=[neg, 0],
+              ip_weight=0.8, cn_strength=0.8, identity_weights="", start_at=0.0, end_at=1.0, noise=0.0)
+    _sample_and_save(add, [app, 0], [app, 1], [app, 2], width, ckpt, ptm, "InstantFamily_InstantID", 1024, 5.0)
+    return p
+
+
+INSTANTID_WORKFLOWS = {
+    "instantid_2_people_pose_from_photo": (2, True),
+    "instantid_2_people_template": (2, False),
+    "instantid_4_people_template": (4, False),
+}
+
+
 GROUPS = (("People", 0, "#3f789e"), ("Pose and masks", 0, "#8A8"), ("Model", 1, "#b06634"), ("Generate", 2, "#a1309b"))
 """(title, band, colour): bands are columns left to right in data order; groups of one band stack downwards."""
 GROUP_OF_CLASS = {
@@ -163,6 +193,7 @@ GROUP_OF_CLASS = {
     "PreviewImage": "Pose and masks",
     "CheckpointLoaderSimple": "Model", "InstantFamilyLoader": "Model", "InstantFamilyFaceIDLoader": "Model",
     "CLIPVisionLoader": "Model", "ControlNetLoader": "Model", "CLIPTextEncode": "Model",
+    "InstantFamilyInstantIDLoader": "Model", "ApplyInstantFamilyInstantID": "Model",
     "ApplyInstantFamily": "Model", "ApplyInstantFamilyFaceID": "Model", "ControlNetApplyAdvanced": "Model",
     "EmptyLatentImage": "Generate", "KSampler": "Generate", "VAEDecode": "Generate", "SaveImage": "Generate",
 }
@@ -224,6 +255,7 @@ FOLDERS = {
     ("InstantFamilyFaceIDLoader", "ipadapter_file"): "`ComfyUI/models/ipadapter/` (h94/IP-Adapter-FaceID)",
     ("ControlNetLoader", "control_net_name"): "`ComfyUI/models/controlnet/` ({source})",
     ("CLIPVisionLoader", "clip_name"): "`ComfyUI/models/clip_vision/`",
+    ("InstantFamilyInstantIDLoader", "instantid_file"): "`ComfyUI/models/instantid/` (InstantX/InstantID)",
     ("InstantFamilyFaceAnalysisLoader", "pack"): "`ComfyUI/models/insightface/models/{value}/` (the `.onnx` files "
                                                  "directly inside)",
 }
@@ -243,8 +275,13 @@ def note_for(name: str, prompt: dict) -> str:
     people = _count_people(prompt)
     sdxl = any(n["class_type"] == "CheckpointLoaderSimple" and n["inputs"]["ckpt_name"] == SDXL_CHECKPOINT
                for n in prompt.values())
-    mode = f"public IP-Adapter-FaceID {'SDXL ' if sdxl else ''}weights" if any(
-        n["class_type"] == "ApplyInstantFamilyFaceID" for n in prompt.values()) else "an InstantFamily checkpoint"
+    classes = {n["class_type"] for n in prompt.values()}
+    if "ApplyInstantFamilyInstantID" in classes:
+        mode = "InstantID (its adapter and IdentityNet, both masked per person)"
+    elif "ApplyInstantFamilyFaceID" in classes:
+        mode = f"public IP-Adapter-FaceID {'SDXL ' if sdxl else ''}weights"
+    else:
+        mode = "an InstantFamily checkpoint"
     pose = ("the pose of `group_photo.png` (Pose from Image; `pip install controlnet-aux`, or set its method to "
             "*faces*)" if "group_photo.png" in photos else "a bundled pose template")
     lines = [f"## {name.replace('_', ' ')}", "",
@@ -265,6 +302,7 @@ def render_thumbnail(prompt: dict, height: int = 200):
     """The thumbnail (H×W×3 uint8): the control image this workflow's Pose to Masks makes above its mask preview,
     by the pack's own drawing code; for a pose from a photo, the bundled template of as many people, captioned."""
     import numpy as np
+    from instantfamily_core.kps import draw_kps_image
     from instantfamily_core.pose import assign_slots, parse_pose
     from instantfamily_core.render import draw_caption, draw_control_image, draw_openpose_image, draw_preview
     (ptm,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "InstantFamilyPoseToMasks"]
@@ -274,8 +312,10 @@ def render_thumbnail(prompt: dict, height: int = 200):
         data = json.load(f)
     width = max(64, 8 * round(data[0]["canvas_width"] * height / data[0]["canvas_height"] / 8))
     slots = assign_slots(parse_pose(data).scaled(width, height), people, None, ptm["margin"])
-    openpose = ptm.get("control_image", CONTROL_CIRCLES) == CONTROL_OPENPOSE
-    control = draw_openpose_image(slots.frame) if openpose else draw_control_image(slots)
+    style = ptm.get("control_image", CONTROL_CIRCLES)
+    draw = {CONTROL_OPENPOSE: lambda: draw_openpose_image(slots.frame), CONTROL_INSTANTID: lambda: draw_kps_image(slots),
+            CONTROL_CIRCLES: lambda: draw_control_image(slots)}
+    control = draw[style]()
     preview = draw_preview(control, slots)
     if from_photo:
         control = draw_caption(control, "pose from your photo")
@@ -294,6 +334,7 @@ def write_thumbnail(path: Path, image) -> None:
 def all_prompts() -> dict:
     prompts = {name: family_prompt(n, photo) for name, (n, photo) in WORKFLOWS.items()}
     prompts.update({name: faceid_prompt(*spec) for name, spec in FACEID_WORKFLOWS.items()})
+    prompts.update({name: instantid_prompt(*spec) for name, spec in INSTANTID_WORKFLOWS.items()})
     return prompts
 
 

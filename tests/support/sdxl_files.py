@@ -5,7 +5,10 @@ SDXL model, and random-valued full-size files in the published layouts of
 * xinsir/controlnet-openpose-sdxl-1.0 ``diffusion_pytorch_model.safetensors`` (diffusers keys, fp16, no
   ``__metadata__``, header padded to 8 bytes — 2,502,139,104 B published),
 * thibaud/controlnet-openpose-sdxl-1.0 ``OpenPoseXL2.safetensors`` (diffusers keys without prefix, fp32, no
-  ``__metadata__``, header *not* padded — 5,004,167,829 B published).
+  ``__metadata__``, header *not* padded — 5,004,167,829 B published),
+* InstantX/InstantID ``ControlNetModel/diffusion_pytorch_model.safetensors``, the IdentityNet (the same diffusers
+  SDXL ControlNet architecture, fp16, ``__metadata__ = {"format": "pt"}`` as diffusers' ``save_pretrained`` writes
+  it, header padded — 2,502,139,136 B published).
 
 The ControlNet key names come from diffusers' ``ControlNetModel`` built on the meta device from the published
 config (:data:`SDXL_CONTROLNET_CONFIG`), not from ComfyUI's conversion table, so ComfyUI's loader reads them as an
@@ -72,14 +75,16 @@ SDXL_CONTROLNET_CONFIG = {
 
 # published byte sizes (notes §0, §3, §5)
 PUBLISHED_BYTES = {"checkpoint": 6_938_078_334, "openpose_xinsir": 2_502_139_104,
-                   "openpose_thibaud": 5_004_167_829}
-# writer settings per ControlNet kind: tensor dtype, header padded to 8 bytes
-CONTROLNET_LAYOUTS = {"openpose_xinsir": (torch.float16, True), "openpose_thibaud": (torch.float32, False)}
+                   "openpose_thibaud": 5_004_167_829, "identitynet": 2_502_139_136}
+# writer settings per ControlNet kind: tensor dtype, header padded to 8 bytes, __metadata__
+CONTROLNET_LAYOUTS = {"openpose_xinsir": (torch.float16, True, None), "openpose_thibaud": (torch.float32, False, None),
+                      "identitynet": (torch.float16, True, {"format": "pt"})}
 STD = 0.02
 FIXTURE_VERSION = 1
 FILE_NAMES = {"checkpoint": f"sdxl_base_random_v{FIXTURE_VERSION}.safetensors",
               "openpose_xinsir": f"controlnet_openpose_sdxl_xinsir_random_v{FIXTURE_VERSION}.safetensors",
-              "openpose_thibaud": f"OpenPoseXL2_thibaud_random_v{FIXTURE_VERSION}.safetensors"}
+              "openpose_thibaud": f"OpenPoseXL2_thibaud_random_v{FIXTURE_VERSION}.safetensors",
+              "identitynet": f"instantid_identitynet_random_v{FIXTURE_VERSION}.safetensors"}
 GENERATED: dict = {}
 """``kind -> {"seconds", "peak_rss_mib"}`` of the writers this process ran (empty when the cache was warm)."""
 
@@ -232,9 +237,9 @@ def controlnet_specs(dtype: torch.dtype) -> tuple[list, dict]:
 
 
 def write_controlnet(kind: str, path: str, seed: int = 7) -> None:
-    dtype, pad = CONTROLNET_LAYOUTS[kind]
+    dtype, pad, metadata = CONTROLNET_LAYOUTS[kind]
     specs, kinds = controlnet_specs(dtype)
-    write_safetensors_stream(path, specs, _filler(kinds, seed), pad=pad)
+    write_safetensors_stream(path, specs, _filler(kinds, seed), pad=pad, metadata=metadata)
 
 
 # ---------------------------------------------------------------- SDXL base single file
@@ -311,7 +316,7 @@ def run_in_subprocess(fn: str, *args, host: bool = True, timeout: int = 1800) ->
 
 
 def generate_in_subprocess(kind: str, path: str) -> dict:
-    """Write one full-size fixture (``checkpoint``, ``openpose_xinsir``, ``openpose_thibaud``) in a fresh Python;
+    """Write one full-size fixture (``checkpoint`` or a :data:`CONTROLNET_LAYOUTS` kind) in a fresh Python;
     returns ``{"seconds", "peak_rss_mib"}``. The ControlNet writers do not import ComfyUI."""
     if kind == "checkpoint":
         return run_in_subprocess("write_checkpoint", path)
@@ -329,7 +334,7 @@ def fixture_dir():
 
 def cached_sdxl(kind: str) -> str:
     """Path of a full-size random SDXL fixture (``checkpoint`` 6.9 GB, ``openpose_xinsir`` 2.5 GB,
-    ``openpose_thibaud`` 5.0 GB), generated once per machine in ``~/.cache/instantfamily/fixtures`` (XDG_CACHE_HOME
+    ``openpose_thibaud`` 5.0 GB, ``identitynet`` 2.5 GB), generated once per machine in ``~/.cache/instantfamily/fixtures`` (XDG_CACHE_HOME
     respected; written under a temporary name, then renamed) — deterministic, never committed."""
     cache = fixture_dir()
     name = FILE_NAMES[kind]
