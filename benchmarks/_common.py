@@ -204,6 +204,38 @@ def conditioning(seed: int, length: int = 77, dim: int = 768, pooled_dim: int = 
 # statistics, memory, environment
 
 
+def compile_models(configs: list, backend: str) -> None:
+    """ComfyUI's TorchCompileModel path (``set_torch_compile_wrapper``) on a clone of every configuration's
+    ``"model"``, with room in dynamo's cache for all of them (they compile the same UNet module, each with its own
+    guards); the first (warm-up) run of each compiles."""
+    import torch._dynamo
+    from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(configs))
+    for c in configs:
+        c["model"] = c["model"].clone()
+        set_torch_compile_wrapper(c["model"], backend=backend)
+
+
+class CudaPeak:
+    """``with CudaPeak(device, c):`` records the run's ``torch.cuda.max_memory_allocated`` as ``c["peak_mib"]``
+    (the largest over runs); nothing on CPU."""
+
+    def __init__(self, device: str, config: dict):
+        self.on, self.config = device == "cuda", config
+
+    def __enter__(self):
+        if self.on:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            import torch
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            self.config["peak_mib"] = max(self.config.get("peak_mib") or 0.0, peak)
+
+
 def alternate_rounds(configs: list, repeats: int, measure, t_start: float) -> None:
     """Measure every config once per round, alternating the order (A B C, then C B A, …) so drift on a shared
     machine hits all configs alike; ``measure(c)`` returns that round's step times, collected in ``c["steps"]``

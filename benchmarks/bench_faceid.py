@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    help="sdxl: transformers per level-2 and middle block (SDXL 10; level-1 blocks keep 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
     p.add_argument("--no-chained", action="store_true", help="skip the chained baseline")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
+                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
     p.add_argument("--report-only", action="store_true", help="accepted for the smoke runs (no targets here)")
     p.add_argument("--out", default=None, help="folder for faceid.md + faceid.json")
     args = p.parse_args(argv)
@@ -203,7 +206,8 @@ def main(argv=None):
 
     def run(c):
         stamps = []
-        sample(c["model"], spec["steps"], lambda *a: stamps.append(clock()))
+        with C.CudaPeak(args.device, c):
+            sample(c["model"], spec["steps"], lambda *a: stamps.append(clock()))
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
     all_sites = set(sites)
@@ -242,6 +246,8 @@ def main(argv=None):
             c["coverage"]["diff_vs_one_op"] = float((out - one_op_out[c["n"]]).abs().max())
         del m, rules, out
 
+    if args.compile:
+        C.compile_models(configs, args.compile)
     print(f"# bench_faceid: {args.base} {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
           f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
           f"{spec['steps'] - 1} timed steps", flush=True)
@@ -257,14 +263,16 @@ def main(argv=None):
         s = C.summarize([t * 1000 for t in c["steps"]])
         r = {"config": c["name"], "n": c["n"], "kind": c["kind"], "median_ms": s["median"], "p25_ms": s["p25"],
              "p75_ms": s["p75"], "steps": s["n"], "ratio": statistics.median(c["steps"]) / base,
-             "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], configs[0]["rounds"]))}
+             "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], configs[0]["rounds"])),
+             "peak_mib": c.get("peak_mib")}
         if "coverage" in c:
             r["coverage"] = c["coverage"]
         results.append(r)
     rows = [[r["config"], f"{r['median_ms']:.1f}", f"{r['p25_ms']:.1f}–{r['p75_ms']:.1f}", f"{r['ratio']:.3f}",
-             f"{r['paired_ratio']:.3f}", r["coverage"]["ran_transformers"] if "coverage" in r else "-"]
-            for r in results]
-    table = C.markdown_table(["config", "median ms/step", "IQR ms", "× text", "paired ×", "patched attn2"], rows)
+             f"{r['paired_ratio']:.3f}", r["coverage"]["ran_transformers"] if "coverage" in r else "-",
+             f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"] for r in results]
+    table = C.markdown_table(["config", "median ms/step", "IQR ms", "× text", "paired ×", "patched attn2",
+                              "peak alloc MiB"], rows)
     text_ms = results[0]["median_ms"]
     pivot = []
     for n in counts:
@@ -277,14 +285,15 @@ def main(argv=None):
     env.update(attention_backend=comfy_attention.optimized_attention.__name__, base=args.base, size=size,
                tokens=args.tokens, model_channels=spec["channels"], heads=spec.get("heads"),
                head_dim=spec.get("head_dim"), depth=spec.get("depth"), latent=lat, steps=spec["steps"],
-               repeats=spec["repeats"], wall_s=round(total, 1), clock=clock_name)
+               repeats=spec["repeats"], wall_s=round(total, 1), clock=clock_name, compile=args.compile or "no")
     shape = (f"{spec['heads']} heads" if args.base == "sd15" else
              f"heads of {cfg['num_head_channels']} ch, depth 2/{spec['depth']}, ADM y {cfg['adm_in_channels']}")
     md = "\n".join([
         f"## FaceID mode step time, {args.base}, {args.device} ({env.get('gpu', env['cpu'])}), {size}", "",
         f"{env['date']} · torch {env['torch']} · {model_info['model_class']} UNet {spec['channels']} ch, {shape}: "
         f"{topology.describe()} · {px}×{px} px (latent {lat}×{lat}), CFG batch 2, {args.tokens} tokens per person "
-        f"· attention `{env['attention_backend']}` · {env['torch_threads']} threads · {clock_name} clock · "
+        f"· attention `{env['attention_backend']}` · compile {env['compile']} · {env['torch_threads']} threads · "
+        f"{clock_name} clock · "
         f"{spec['repeats']} rounds × {spec['steps'] - 1} steps · run {total:.0f}s", "", table, "",
         "Ratio to text-only, chained / one-op, and the step time each adds to text-only:", "",
         C.markdown_table(["N", "one-op ×", "chained ×", "chained / one-op", "one-op +ms", "chained +ms"], pivot),

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="channels per head (SDXL 64)")
     p.add_argument("--depth", type=int, default=None, help="transformers per level-2 and middle block (SDXL 10)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
+                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
     p.add_argument("--report-only", action="store_true", help="accepted for the smoke runs (no targets here)")
     p.add_argument("--out", default=None, help="folder for instantid.md + instantid.json")
     args = p.parse_args(argv)
@@ -181,7 +184,8 @@ def main(argv=None):
 
     def run(c):
         stamps = []
-        sample(c, spec["steps"], lambda *a: stamps.append(clock()))
+        with C.CudaPeak(args.device, c):
+            sample(c, spec["steps"], lambda *a: stamps.append(clock()))
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
     # evaluations: one untimed step per configuration, counting UNet and ControlNet forwards (rows: the batch of
@@ -200,6 +204,8 @@ def main(argv=None):
     unet_count.handle.remove()
     cn_count.handle.remove()
 
+    if args.compile:
+        C.compile_models(configs, args.compile)
     print(f"# bench_instantid: sdxl {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
           f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
           f"{spec['steps'] - 1} timed steps", flush=True)
@@ -217,11 +223,11 @@ def main(argv=None):
                         "p25_ms": s["p25"], "p75_ms": s["p75"], "steps": s["n"],
                         "ratio": statistics.median(c["steps"]) / base,
                         "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], configs[0]["rounds"])),
-                        "evaluations": c["evaluations"]})
+                        "evaluations": c["evaluations"], "peak_mib": c.get("peak_mib")})
     rows = [[r["config"], f"{r['median_ms']:.1f}", f"{r['p25_ms']:.1f}–{r['p75_ms']:.1f}", f"{r['ratio']:.2f}",
              f"{r['paired_ratio']:.2f}", f"{r['evaluations']['unet_calls']} ({r['evaluations']['unet_rows']} rows)",
-             f"{r['evaluations']['controlnet_calls']} ({r['evaluations']['controlnet_rows']} rows)"]
-            for r in results]
+             f"{r['evaluations']['controlnet_calls']} ({r['evaluations']['controlnet_rows']} rows)",
+             f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"] for r in results]
     pivot = []
     for n in counts:
         one = next(r for r in results if r["n"] == n and r["kind"] == "one-pass")
@@ -231,15 +237,17 @@ def main(argv=None):
     env = C.environment(args.device)
     env.update(attention_backend=comfy_attention.optimized_attention.__name__, size=size,
                model_channels=spec["channels"], head_dim=spec["head_dim"], depth=spec["depth"], latent=lat,
-               steps=spec["steps"], repeats=spec["repeats"], wall_s=round(total, 1), clock=clock_name)
+               steps=spec["steps"], repeats=spec["repeats"], wall_s=round(total, 1), clock=clock_name,
+               compile=args.compile or "no")
     md = "\n".join([
         f"## InstantID mode step time, sdxl, {args.device} ({env.get('gpu', env['cpu'])}), {size}", "",
         f"{env['date']} · torch {env['torch']} · SDXL UNet + IdentityNet {spec['channels']} ch, heads of "
         f"{cfg['num_head_channels']} ch, depth 2/{spec['depth']}: {topology.describe()} · {px}×{px} px (latent "
-        f"{lat}×{lat}), CFG 5 · attention `{env['attention_backend']}` · {env['torch_threads']} threads · "
+        f"{lat}×{lat}), CFG 5 · attention `{env['attention_backend']}` · compile {env['compile']} · "
+        f"{env['torch_threads']} threads · "
         f"{clock_name} clock · {spec['repeats']} rounds × {spec['steps'] - 1} steps · run {total:.0f}s", "",
         C.markdown_table(["config", "median ms/step", "IQR ms", "× text", "paired ×", "UNet calls/step",
-                          "IdentityNet calls/step"], rows), "",
+                          "IdentityNet calls/step", "peak alloc MiB"], rows), "",
         "Ratio to text-only, and how many times slower the N-conditioning recipe is than one pass:", "",
         C.markdown_table(["N", "one-pass ×", "n-cond ×", "n-cond / one-pass"], pivot), ""])
     C.write_outputs(args.out, "instantid", md, {"environment": env, "topology": topology.describe(),

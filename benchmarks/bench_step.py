@@ -134,13 +134,7 @@ def main(argv=None):
                             "neg": neg})
 
     if args.compile:
-        import torch._dynamo
-        from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
-        # every configuration compiles the same UNet module, each with its own guards: room for all of them
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(configs))
-        for c in configs:
-            c["model"] = c["model"].clone()
-            set_torch_compile_wrapper(c["model"], backend=args.compile)
+        C.compile_models(configs, args.compile)
 
     timer = C.Timer(args.device)
     latent = torch.zeros(1, 4, lat, lat)
@@ -151,12 +145,9 @@ def main(argv=None):
 
         def cb(i, x0, x, total):
             stamps.append((timer.now(), time.process_time()))
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        comfy.sample.sample(c["model"], noise, spec["steps"], 5.0, "euler", "normal", c["pos"], c["neg"], latent,
-                            callback=cb, disable_pbar=True, seed=0)
-        if args.device == "cuda":
-            c["peak_mib"] = max(c.get("peak_mib", 0.0), torch.cuda.max_memory_allocated() / 2 ** 20)
+        with C.CudaPeak(args.device, c):
+            comfy.sample.sample(c["model"], noise, spec["steps"], 5.0, "euler", "normal", c["pos"], c["neg"],
+                                latent, callback=cb, disable_pbar=True, seed=0)
         wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
         cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
         return (cpu, wall) if clock == "cpu" else (wall, cpu)

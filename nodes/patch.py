@@ -46,7 +46,9 @@ split, basic and xformers kernels do. In 0.3.64 sage ignores it and flash reject
 sage/flash calls to SDPA itself and adds kernels (Comfy-Kitchen int8, sage3) not checked here, and an
 ``optimized_attention_override`` installed by another pack may drop masks. Masked calls therefore run on ComfyUI's
 PyTorch kernel whenever the selected backend is not one of :data:`MASK_BACKENDS`, and unmasked calls keep the
-selected one.
+selected one. While ``torch.compile`` traces, the hooks' calls run on the PyTorch kernel instead of ComfyUI's
+sub-quadratic one, whose free-memory query breaks dynamo's graph in every call: a patched model then breaks the graph
+no more often than the stock one (same math; eager runs keep the selected kernel).
 
 Identities never travel inside CONDITIONING, so ComfyUI's batching of conditionings of different lengths (LCM
 repetition) cannot misplace them. Keys/values of identity tokens are projected once per block and sampling run (a
@@ -89,7 +91,8 @@ def comfy_attention(extra_options: dict) -> Callable:
 
     Unmasked calls use ComfyUI's selected kernel (and any ``optimized_attention_override``); masked calls use it
     only when it is one of :data:`MASK_BACKENDS`, else ComfyUI's PyTorch kernel, without an override that might
-    drop the mask."""
+    drop the mask. While dynamo traces, calls that would go to the sub-quadratic kernel go to the PyTorch one (see
+    the module docstring)."""
     import comfy.ldm.modules.attention as attention
 
     selected = attention.optimized_attention
@@ -98,6 +101,9 @@ def comfy_attention(extra_options: dict) -> Callable:
 
     def fn(q, k, v, heads, mask=None):
         precision = extra_options.get("attn_precision")
+        if selected is attention.attention_sub_quad and not override and torch.compiler.is_compiling():
+            return attention.attention_pytorch(q, k, v, heads, mask=mask, attn_precision=precision,
+                                               transformer_options=extra_options)
         if mask is None:
             return selected(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
         kernel = selected if masked_ok else attention.attention_pytorch

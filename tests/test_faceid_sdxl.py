@@ -48,14 +48,15 @@ def tiny(host):
     return sx.tiny_sdxl(0)
 
 
-def _tiny_faceid(host, tiny, variant="faceid", seed=0):
-    """A FaceID model for the reduced topology: file parts by diffusers' order and ComfyUI's key map, validated
-    against the topology read from the live tiny model."""
+def _tiny_faceid(host, tiny, variant="faceid", seed=0, unet_config=None):
+    """A FaceID model for the reduced topology of ``tiny`` (UNet config ``unet_config``, default the tiny SDXL's):
+    file parts by diffusers' order and ComfyUI's key map, validated against the topology read from the live model."""
     from instantfamily_core.faceid import validate
     m = host
     shapes = {k: v.shape for k, v in tiny.model.diffusion_model.state_dict().items()}
-    widths = ff.diffusers_block_widths(sx.TINY_SDXL_UNET, shapes)
-    image_proj, ip = ff.reduced_parts(widths, variant, seed)
+    unet_config = unet_config or sx.TINY_SDXL_UNET
+    widths = ff.diffusers_block_widths(unet_config, shapes)
+    image_proj, ip = ff.reduced_parts(widths, variant, seed, unet_config["context_dim"])
     weights = validate(image_proj, ip, "ip-adapter-faceid_tiny_sdxl.bin", topology=m["patch"].live_topology(tiny))
     return m["faceid_nodes"].FaceIDModel(weights, {}, "")
 

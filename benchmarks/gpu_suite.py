@@ -1,0 +1,235 @@
+"""Every GPU table in one command, inside a time budget: the day a device is lent (about 15 minutes in all), run
+
+    python -m benchmarks.gpu_suite --out benchmarks/out/gpu            # CUDA, full size, writes RESULTS.md
+    python -m benchmarks.gpu_suite --smoke --out /tmp/gpu_suite_smoke  # CPU, tiny sizes, under a minute
+
+Stages, in priority order, each one of the pack's benchmark scripts in its own process (ratios are measured inside
+one process, never across stages):
+
+1. ``step``            bench_step.py: full-size SD1.5 UNet + ControlNet, fp16, 512²: text-only, InstantFamily
+                       additive and paper, N = 1, 2, 4, 8, 16, peak VRAM per configuration (eager);
+2. ``step-compiled``   the same through ComfyUI's TorchCompileModel path (inductor), additive N = 1, 4, 16;
+3. ``faceid-sd15``     bench_faceid.py: full-size SD1.5, FaceID N = 1, 4, 16, one op and N chained patches (eager);
+4. ``faceid-sd15-compiled``  the same compiled (N = 4, 16);
+5. ``faceid-sdxl``     bench_faceid.py: ComfyUI's SDXL base UNet at 1024², FaceID N = 1, 4, 16 (eager);
+6. ``instantid``       bench_instantid.py: full-size SDXL UNet + IdentityNet, one pass vs N conditionings, N = 2, 4;
+7. ``faces-cuda`` / ``faces-cpu``  bench_faces.py on onnxruntime's CUDA and CPU providers (ms per face);
+8. ``train``           bench_train_step.py: one full-size training step in bf16 autocast, text-only vs additive N=4.
+
+Each stage gets what is left of ``--budget-s`` (default 480 s) minus a reserve for writing; a stage that would not fit
+its minimum is recorded as skipped, one that runs out of time is stopped (its process group killed) and recorded
+as such, and the summary is rewritten after every stage, so an interrupted suite leaves what it measured. Output:
+``<out>/gpu_suite.md`` + ``.json`` and each stage's own files under ``<out>/<stage>/``; on CUDA (or with
+``--results``) a dated section naming the card, driver, CUDA, torch and ComfyUI versions is appended to
+``benchmarks/RESULTS.md``. ``--smoke`` runs every stage on the CPU at tiny sizes (``--compile eager`` for the
+compiled stages) so the command cannot rot: it is a test (``tests/test_gpu_suite.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+RESERVE_S = 10.0
+
+# (name, script, full CUDA arguments, tiny CPU smoke arguments, minimum seconds worth starting it with on CUDA)
+_TINY_STEP = ["--device", "cpu", "--channels", "32", "--latent", "8", "--repeats", "1", "--steps", "2",
+              "--report-only"]
+_TINY_FACEID = ["--device", "cpu", "--channels", "32", "--latent", "8", "--repeats", "1", "--steps", "2"]
+STAGES = [
+    ("step", "bench_step.py",
+     ["--device", "cuda", "--size", "full", "--dtype", "fp16", "--n", "1,2,4,8,16", "--modes", "additive,paper",
+      "--repeats", "3", "--steps", "6", "--report-only"],
+     _TINY_STEP + ["--n", "1,2", "--modes", "additive,paper"], 60),
+    ("step-compiled", "bench_step.py",
+     ["--device", "cuda", "--size", "full", "--dtype", "fp16", "--n", "1,4,16", "--modes", "additive",
+      "--repeats", "3", "--steps", "6", "--compile", "inductor", "--report-only"],
+     _TINY_STEP + ["--n", "2", "--modes", "additive", "--compile", "eager", "--no-controlnet"], 90),
+    ("faceid-sd15", "bench_faceid.py",
+     ["--device", "cuda", "--base", "sd15", "--size", "full", "--n", "1,4,16", "--repeats", "3"],
+     _TINY_FACEID + ["--base", "sd15", "--n", "1,2"], 45),
+    ("faceid-sd15-compiled", "bench_faceid.py",
+     ["--device", "cuda", "--base", "sd15", "--size", "full", "--n", "4,16", "--repeats", "3", "--compile",
+      "inductor"],
+     _TINY_FACEID + ["--base", "sd15", "--n", "2", "--no-chained", "--compile", "eager"], 90),
+    ("faceid-sdxl", "bench_faceid.py",
+     ["--device", "cuda", "--base", "sdxl", "--size", "full", "--n", "1,4,16", "--repeats", "3"],
+     _TINY_FACEID + ["--base", "sdxl", "--depth", "1", "--n", "2", "--no-chained"], 60),
+    ("instantid", "bench_instantid.py",
+     ["--device", "cuda", "--size", "full", "--n", "2,4", "--repeats", "3"],
+     ["--device", "cpu", "--channels", "32", "--depth", "1", "--latent", "8", "--repeats", "1", "--steps", "2",
+      "--n", "2"], 60),
+    ("faces-cuda", "bench_faces.py", ["--provider", "CUDA", "--repeats", "3"],
+     ["--provider", "CPU", "--repeats", "1", "--count", "1", "--faces", "1"], 20),
+    ("faces-cpu", "bench_faces.py", ["--provider", "CPU", "--repeats", "3"],
+     ["--provider", "CPU", "--repeats", "1", "--count", "1", "--faces", "1"], 20),
+    ("train", "bench_train_step.py",
+     ["--device", "cuda", "--size", "full", "--n", "4", "--modes", "additive", "--repeats", "3", "--report-only"],
+     ["--device", "cpu", "--n", "2", "--modes", "additive", "--repeats", "1", "--steps", "1", "--batch", "1",
+      "--report-only"], 45),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for gpu_suite.md/.json and each stage's files")
+    p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole suite (s)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every stage still runs")
+    p.add_argument("--stages", default="", help="comma-separated subset of stage names (default: all)")
+    p.add_argument("--results", default=None,
+                   help="append the dated section to this Markdown file (default: benchmarks/RESULTS.md on CUDA, "
+                        "none with --smoke)")
+    args = p.parse_args(argv)
+    names = [s[0] for s in STAGES]
+    wanted = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in names]
+    if unknown:
+        p.error(f"--stages: unknown {unknown}; stages are {names}")
+    args.wanted = wanted or names
+    return args
+
+
+def _run(cmd: list, log: Path, timeout: float) -> tuple[int | None, float]:
+    """Run ``cmd`` in its own process group, output to ``log``; ``(returncode or None on timeout, seconds)``."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1"))
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    return rc, time.perf_counter() - t0
+
+
+def machine(smoke: bool) -> dict:
+    """Card, driver, CUDA, torch, ComfyUI and CPU, read without importing ComfyUI in this process."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        info["torch"] = f"unavailable ({type(e).__name__})"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            name, driver, memory = (x.strip() for x in out.stdout.strip().splitlines()[0].split(","))
+            info.update(gpu=name, driver=driver, gpu_memory=memory)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    sys.path.insert(0, str(REPO))
+    from tools.devkit.comfy_host import find_comfyui
+    root = find_comfyui()
+    if root is not None and (Path(root) / "comfyui_version.py").is_file():
+        text = (Path(root) / "comfyui_version.py").read_text()
+        info["comfyui"] = text.split("=", 1)[1].strip().strip("\"'") if "=" in text else "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or platform.machine()
+    info["mode"] = "CPU smoke (tiny sizes; timings mean nothing)" if smoke else "CUDA, full size"
+    return info
+
+
+def summary(info: dict, stages: list, budget: float, elapsed: float) -> str:
+    card = info.get("gpu", "no GPU")
+    head = (f"## GPU suite: {card} ({info['mode']}), {info['date']}\n\n"
+            f"{card}{' · driver ' + info['driver'] if 'driver' in info else ''}"
+            f"{' · ' + info['gpu_memory'] if 'gpu_memory' in info else ''} · CUDA {info.get('cuda')} · torch "
+            f"{info.get('torch')} · ComfyUI {info.get('comfyui', '?')} · CPU {info.get('cpu')} · "
+            f"`python -m benchmarks.gpu_suite` · budget {budget:.0f} s, used {elapsed:.0f} s. Every ratio below is "
+            "measured within one process (its stage).\n")
+    rows = ["| stage | status | seconds |", "| --- | --- | --- |"]
+    rows += [f"| {s['name']} | {s['status']} | {s.get('seconds', 0):.0f} |" for s in stages]
+    parts = [head, "\n".join(rows), ""]
+    for s in stages:
+        if s.get("markdown"):
+            body = s["markdown"].strip().splitlines()
+            if body and body[0].startswith("## "):
+                body[0] = "#" + body[0]  # each stage's own title one level down
+            parts += [f"### {s['name']}", "", "\n".join(body), ""]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    info = machine(args.smoke)
+    if not args.smoke and "gpu" not in info:
+        print("gpu_suite: no CUDA device; use --smoke on a CPU", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from instantfamily_core.fileio import write_text_atomic
+    done: list = []
+
+    def write() -> str:
+        md = summary(info, done, args.budget_s, time.perf_counter() - t0)
+        write_text_atomic(out / "gpu_suite.md", md + "\n")
+        write_text_atomic(out / "gpu_suite.json", json.dumps({"machine": info, "stages": [
+            {k: v for k, v in s.items() if k != "markdown"} for s in done]}, indent=2) + "\n")
+        return md
+
+    for name, script, full, smoke, minimum in STAGES:
+        if name not in args.wanted:
+            continue
+        left = args.budget_s - (time.perf_counter() - t0) - RESERVE_S
+        stage = {"name": name, "command": ["python", f"benchmarks/{script}", *(smoke if args.smoke else full)]}
+        if left < (5 if args.smoke else minimum):
+            stage.update(status=f"skipped: {left:.0f} s left of the budget, needs {minimum} s", seconds=0.0)
+            done.append(stage)
+            write()
+            continue
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, str(HERE / script), *(smoke if args.smoke else full), "--out", str(folder)]
+        print(f"[gpu_suite] {name}: {' '.join(stage['command'])} ({left:.0f} s left)", flush=True)
+        rc, seconds = _run(cmd, folder / "log.txt", left)
+        stage["seconds"] = seconds
+        if rc is None:
+            stage["status"] = f"stopped at the budget after {seconds:.0f} s"
+        elif rc != 0:
+            tail = (folder / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+            stage["status"] = f"failed (exit {rc}): {' / '.join(tail)[:300]}"
+        else:
+            stage["status"] = "ok"
+            md_files = sorted(folder.glob("*.md"))
+            stage["markdown"] = "\n\n".join(p.read_text() for p in md_files)
+        print(f"[gpu_suite] {name}: {stage['status']}", flush=True)
+        done.append(stage)
+        write()
+
+    md = write()
+    results = args.results or (None if args.smoke else str(RESULTS))
+    if results:
+        path = Path(results)
+        previous = path.read_text() if path.exists() else ""
+        write_text_atomic(path, previous.rstrip("\n") + "\n\n" + md + "\n")
+        print(f"[gpu_suite] appended the section to {path}")
+    print(f"[gpu_suite] wrote {out / 'gpu_suite.md'} in {time.perf_counter() - t0:.0f} s")
+    return 0 if all(s["status"] == "ok" for s in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
