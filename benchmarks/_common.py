@@ -204,6 +204,73 @@ def conditioning(seed: int, length: int = 77, dim: int = 768, pooled_dim: int = 
 # statistics, memory, environment
 
 
+def add_step_arguments(p, stem: str) -> None:
+    """The sizing, timing and output options the SDXL-capable step benchmarks share (``--head-dim``/``--depth``
+    resize SDXL topologies; ``--out`` writes ``<stem>.md`` + ``<stem>.json``)."""
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--latent", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None, help="sdxl: channels per head (SDXL 64)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="sdxl: transformers per level-2 and middle block (SDXL 10; level-1 blocks keep 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
+                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
+    p.add_argument("--report-only", action="store_true", help="accepted for the smoke runs (no targets here)")
+    p.add_argument("--out", default=None, help=f"folder for {stem}.md + {stem}.json")
+
+
+def check_steps(p, args) -> None:
+    if args.steps is not None and args.steps < 2:
+        p.error("--steps must be at least 2 (the first step of each run is not timed)")
+
+
+def bench_setup(args, sizes: dict):
+    """What the SDXL-capable step benchmarks share at start: ``(size, spec, counts, nodes, mods, threads)`` — the
+    size's settings with the command line's over them (``--head-dim``/``--depth`` too), the people counts of
+    ``--n``, the host loaded, torch's CPU threads set (``--threads``, default 1 on cpu)."""
+    import torch
+    size, spec = model_spec(args, sizes)
+    for k in ("head_dim", "depth"):
+        if getattr(args, k, None) is not None:
+            spec[k] = getattr(args, k)
+    counts = [int(x) for x in args.n.split(",") if x.strip()]
+    nodes, mods = load_host(args.device)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    return size, spec, counts, nodes, mods, threads
+
+
+def step_clock(device: str, threads: int):
+    """``(clock, name)``: this process's CPU time on CPU with one thread (other processes on a shared machine do
+    not inflate it), else wall clock."""
+    clock = time.process_time if device == "cpu" and threads == 1 else time.perf_counter
+    return clock, "cpu" if clock is time.process_time else "wall"
+
+
+def timed_rounds(configs: list, repeats: int, run) -> float:
+    """A warm-up run of every configuration, then :func:`alternate_rounds`; returns the seconds of it all."""
+    t0 = time.perf_counter()
+    for c in configs:
+        run(c)
+        c["steps"], c["rounds"] = [], []
+    alternate_rounds(configs, repeats, run, t0)
+    return time.perf_counter() - t0
+
+
+def step_result(c: dict, base: dict) -> dict:
+    """Median, IQR and step count (ms) of configuration ``c`` and its ratio and paired ratio to ``base``."""
+    s = summarize([t * 1000 for t in c["steps"]])
+    return {"config": c["name"], "n": c["n"], "kind": c["kind"], "median_ms": s["median"], "p25_ms": s["p25"],
+            "p75_ms": s["p75"], "steps": s["n"], "ratio": statistics.median(c["steps"]) / statistics.median(
+                base["steps"]),
+            "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], base["rounds"])),
+            "peak_mib": c.get("peak_mib")}
+
+
 def compile_models(configs: list, backend: str) -> None:
     """ComfyUI's TorchCompileModel path (``set_torch_compile_wrapper``) on a clone of every configuration's
     ``"model"``, with room in dynamo's cache for all of them (they compile the same UNet module, each with its own

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,24 +65,11 @@ def parse_args(argv=None):
                         "practice)")
     p.add_argument("--n", default="1,2,4,8", help="people counts, comma separated")
     p.add_argument("--tokens", type=int, default=4, help="tokens per person (FaceID 4, Portrait 16 per photo)")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--latent", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
     p.add_argument("--heads", type=int, default=None, help="sd15: heads per block")
-    p.add_argument("--head-dim", type=int, default=None, help="sdxl: channels per head (SDXL 64)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="sdxl: transformers per level-2 and middle block (SDXL 10; level-1 blocks keep 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
     p.add_argument("--no-chained", action="store_true", help="skip the chained baseline")
-    p.add_argument("--compile", default=None, metavar="BACKEND",
-                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
-                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
-    p.add_argument("--report-only", action="store_true", help="accepted for the smoke runs (no targets here)")
-    p.add_argument("--out", default=None, help="folder for faceid.md + faceid.json")
+    C.add_step_arguments(p, "faceid")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 2:
-        p.error("--steps must be at least 2 (the first step of each run is not timed)")
+    C.check_steps(p, args)
     if args.base == "sd15" and (args.head_dim is not None or args.depth is not None):
         p.error("--head-dim and --depth are for --base sdxl only (SD1.5: --heads)")
     if args.base == "sdxl" and args.heads is not None:
@@ -117,12 +102,7 @@ def block_name(key) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    size, spec = C.model_spec(args, SIZES[args.base])
-    for k in ("head_dim", "depth"):
-        if getattr(args, k) is not None:
-            spec[k] = getattr(args, k)
-    counts = [int(x) for x in args.n.split(",") if x.strip()]
-    nodes, mods = C.load_host(args.device)
+    size, spec, counts, nodes, mods, threads = C.bench_setup(args, SIZES[args.base])
     import torch
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.sample
@@ -130,9 +110,6 @@ def main(argv=None):
     pack = mods["patch"].__name__.rsplit(".", 2)[0]
     fp = sys.modules[f"{pack}.nodes.faceid_patch"]
     patch = mods["patch"]
-    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     cfg = model_config(args.base, spec)
     model = C.build_unet(cfg, dtype, args.device, model_class=MODEL_CLASS[args.base])
@@ -196,9 +173,7 @@ def main(argv=None):
     latent = torch.zeros(1, 4, lat, lat)
     noise = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0))
 
-    # on CPU with one thread, this process's CPU time: other processes on a shared machine do not inflate it
-    clock = time.process_time if args.device == "cpu" and threads == 1 else time.perf_counter
-    clock_name = "cpu" if clock is time.process_time else "wall"
+    clock, clock_name = C.step_clock(args.device, threads)
 
     def sample(m, steps, callback=None):
         return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, callback=callback,
@@ -251,20 +226,10 @@ def main(argv=None):
     print(f"# bench_faceid: {args.base} {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
           f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
           f"{spec['steps'] - 1} timed steps", flush=True)
-    t0 = time.perf_counter()
-    for c in configs:
-        run(c)
-        c["steps"], c["rounds"] = [], []
-    C.alternate_rounds(configs, spec["repeats"], run, t0)
-    total = time.perf_counter() - t0
-    base = statistics.median(configs[0]["steps"])
+    total = C.timed_rounds(configs, spec["repeats"], run)
     results = []
     for c in configs:
-        s = C.summarize([t * 1000 for t in c["steps"]])
-        r = {"config": c["name"], "n": c["n"], "kind": c["kind"], "median_ms": s["median"], "p25_ms": s["p25"],
-             "p75_ms": s["p75"], "steps": s["n"], "ratio": statistics.median(c["steps"]) / base,
-             "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], configs[0]["rounds"])),
-             "peak_mib": c.get("peak_mib")}
+        r = C.step_result(c, configs[0])
         if "coverage" in c:
             r["coverage"] = c["coverage"]
         results.append(r)

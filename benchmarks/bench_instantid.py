@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,21 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=list(SIZES), default=None,
                    help="default: full on cuda, reduced on cpu (full = SDXL's UNet and IdentityNet)")
     p.add_argument("--n", default="2,4", help="people counts, comma separated")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--latent", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None, help="channels per head (SDXL 64)")
-    p.add_argument("--depth", type=int, default=None, help="transformers per level-2 and middle block (SDXL 10)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
-    p.add_argument("--compile", default=None, metavar="BACKEND",
-                   help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
-                        "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
-    p.add_argument("--report-only", action="store_true", help="accepted for the smoke runs (no targets here)")
-    p.add_argument("--out", default=None, help="folder for instantid.md + instantid.json")
+    C.add_step_arguments(p, "instantid")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 2:
-        p.error("--steps must be at least 2 (the first step of each run is not timed)")
+    C.check_steps(p, args)
     return args
 
 
@@ -116,20 +102,12 @@ class Counter:
 
 def main(argv=None):
     args = parse_args(argv)
-    size, spec = C.model_spec(args, SIZES)
-    for k in ("head_dim", "depth"):
-        if getattr(args, k) is not None:
-            spec[k] = getattr(args, k)
-    counts = [int(x) for x in args.n.split(",") if x.strip()]
-    nodes, mods = C.load_host(args.device)
+    size, spec, counts, nodes, mods, threads = C.bench_setup(args, SIZES)
     import torch
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.sample
     pack = mods["patch"].__name__.rsplit(".", 2)[0]
     iid = sys.modules[f"{pack}.nodes.instantid_nodes"]
-    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     cfg = C.sdxl_unet_config(spec["channels"], spec["head_dim"], spec["depth"])
     model = C.build_unet(cfg, dtype, args.device, model_class="SDXL")
@@ -175,8 +153,7 @@ def main(argv=None):
 
     latent = torch.zeros(1, 4, lat, lat)
     noise = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0))
-    clock = time.process_time if args.device == "cpu" and threads == 1 else time.perf_counter
-    clock_name = "cpu" if clock is time.process_time else "wall"
+    clock, clock_name = C.step_clock(args.device, threads)
 
     def sample(c, steps, callback=None):
         return comfy.sample.sample(c["model"], noise, steps, 5.0, "euler", "normal", c["pos"], c["neg"], latent,
@@ -209,21 +186,8 @@ def main(argv=None):
     print(f"# bench_instantid: sdxl {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
           f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
           f"{spec['steps'] - 1} timed steps", flush=True)
-    t0 = time.perf_counter()
-    for c in configs:
-        run(c)  # warm-up
-        c["steps"], c["rounds"] = [], []
-    C.alternate_rounds(configs, spec["repeats"], run, t0)
-    total = time.perf_counter() - t0
-    base = statistics.median(configs[0]["steps"])
-    results = []
-    for c in configs:
-        s = C.summarize([t * 1000 for t in c["steps"]])
-        results.append({"config": c["name"], "n": c["n"], "kind": c["kind"], "median_ms": s["median"],
-                        "p25_ms": s["p25"], "p75_ms": s["p75"], "steps": s["n"],
-                        "ratio": statistics.median(c["steps"]) / base,
-                        "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], configs[0]["rounds"])),
-                        "evaluations": c["evaluations"], "peak_mib": c.get("peak_mib")})
+    total = C.timed_rounds(configs, spec["repeats"], run)
+    results = [dict(C.step_result(c, configs[0]), evaluations=c["evaluations"]) for c in configs]
     rows = [[r["config"], f"{r['median_ms']:.1f}", f"{r['p25_ms']:.1f}–{r['p75_ms']:.1f}", f"{r['ratio']:.2f}",
              f"{r['paired_ratio']:.2f}", f"{r['evaluations']['unet_calls']} ({r['evaluations']['unet_rows']} rows)",
              f"{r['evaluations']['controlnet_calls']} ({r['evaluations']['controlnet_rows']} rows)",

@@ -12,6 +12,8 @@ A step is the time between two consecutive sampler callbacks (wall clock; on CPU
 this process's CPU time instead, which other processes on a shared machine do not inflate — both are reported) (the first step of each run, which includes the
 sampler's setup, is dropped). After one warm-up run of every configuration, ``--repeats`` rounds run each
 configuration once, alternating (A B C … then … C B A), so drift of a shared machine hits all configurations alike.
+``--compare-compile BACKEND`` runs every configuration twice in those same rounds, eager and compiled (each ratio
+and added ms against the text-only run of its own kind), and reports the identity term's added ms both ways.
 Reported: median, IQR, min, max of the step times; ratio = median(config) / median(text) from the same process;
 ``paired`` = the median over rounds of the same ratio within each round. Peak memory: ``max_memory_allocated`` per
 configuration on CUDA; on CPU the process's peak RSS high-water mark after the configuration's warm-up (coarse).
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="compile every configuration's UNet with ComfyUI's set_torch_compile_wrapper (what its "
                         "TorchCompileModel node does), e.g. inductor; the warm-up run compiles")
+    p.add_argument("--compare-compile", default=None, metavar="BACKEND",
+                   help="run every configuration eager AND compiled with BACKEND in the same alternating rounds "
+                        "(one process; ratios and added ms against the text-only run of the same kind)")
     p.add_argument("--no-controlnet", action="store_true", help="UNet only (the ControlNet is not attached)")
     p.add_argument("--comfy-arg", action="append", default=[], help="extra ComfyUI CLI flag, e.g. "
                    "--comfy-arg=--use-pytorch-cross-attention (repeatable)")
@@ -72,6 +77,8 @@ def parse_args(argv=None):
                    "on tiny settings, where timings mean nothing)")
     p.add_argument("--out", default=None, help="folder for results.md + results.json")
     args = p.parse_args(argv)
+    if args.compile and args.compare_compile:
+        p.error("--compile and --compare-compile are mutually exclusive")
     if args.steps is not None and args.steps < 2:
         p.error("--steps must be at least 2 (the first step of each run is not timed)")
     return args
@@ -133,8 +140,16 @@ def main(argv=None):
             configs.append({"name": f"tokens N={n}", "n": n, "mode": "tokens", "model": patched, "pos": pos,
                             "neg": neg})
 
+    for c in configs:
+        c["compile"] = args.compile or "no"
     if args.compile:
         C.compile_models(configs, args.compile)
+    if args.compare_compile:  # compiled copies (clones of the same patched models) in the same rounds
+        compiled = [dict(c, name=f"{c['name']} ({args.compare_compile})", compile=args.compare_compile)
+                    for c in configs]
+        C.compile_models(compiled, args.compare_compile)
+        configs += compiled
+    compile_label = (f"compare no vs {args.compare_compile}" if args.compare_compile else args.compile or "no")
 
     timer = C.Timer(args.device)
     latent = torch.zeros(1, 4, lat, lat)
@@ -153,7 +168,7 @@ def main(argv=None):
         return (cpu, wall) if clock == "cpu" else (wall, cpu)
 
     print(f"# bench_step: {size} ({spec['channels']} ch, {px}×{px} px, latent {lat}×{lat}), {dtype}, "
-          f"{args.device}, compile {args.compile or 'no'}, attention backend {comfy_attention.optimized_attention.__name__}, "
+          f"{args.device}, compile {compile_label}, attention backend {comfy_attention.optimized_attention.__name__}, "
           f"{len(configs)} configs × {spec['repeats']} rounds × {spec['steps'] - 1} timed steps; built in "
           f"{build_s:.1f}s", flush=True)
     t_start = time.perf_counter()
@@ -170,25 +185,26 @@ def main(argv=None):
     C.alternate_rounds(configs, spec["repeats"], measure, t_start)
     total_s = time.perf_counter() - t_start
 
-    base = configs[0]
-    base_med = statistics.median(base["steps"])
     results = []
     for c in configs:
+        base = next(b for b in configs if b["mode"] == "-" and b["compile"] == c["compile"])  # its own text-only
+        base_med = statistics.median(base["steps"])
         s = C.summarize([t * 1000 for t in c["steps"]])
         ratio = statistics.median(c["steps"]) / base_med
         paired = statistics.median(a / b for a, b in zip(c["rounds"], base["rounds"]))
-        entry = {"config": c["name"], "n": c["n"], "mode": c["mode"], **{f"{k}_ms" if k not in ("n",) else "samples":
-                 v for k, v in s.items()}, "ratio": ratio, "paired_ratio": paired,
+        entry = {"config": c["name"], "n": c["n"], "mode": c["mode"], "compile": c["compile"],
+                 **{f"{k}_ms" if k not in ("n",) else "samples": v for k, v in s.items()}, "ratio": ratio,
+                 "paired_ratio": paired,
                  f"{other_clock}_median_ms": statistics.median(c["other"]) * 1000,
                  f"{other_clock}_ratio": statistics.median(c["other"]) / statistics.median(base["other"]),
-                 "peak_mib": c.get("peak_mib")}
+                 "added_ms": (statistics.median(c["steps"]) - base_med) * 1000, "peak_mib": c.get("peak_mib")}
         if "state" in c:
             entry["bias_cache_entries"] = len(c["state"].attention._cache)
         results.append(entry)
 
     env = C.environment(args.device)
     env.update(attention_backend=comfy_attention.optimized_attention.__name__, dtype=str(dtype),
-               compile=args.compile or "no",
+               compile=compile_label,
                size=size, model_channels=spec["channels"], num_heads=spec["heads"], latent=lat, pixels=px, steps_per_run=spec["steps"],
                rounds=spec["repeats"], controlnet=not args.no_controlnet, wall_s=round(total_s, 1), clock=clock,
                vram_state=str(comfy.model_management.vram_state))
@@ -199,19 +215,20 @@ def main(argv=None):
              f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"] for r in results]
     table = C.markdown_table(["config", f"median ms/step ({clock})", "IQR ms", "min", "max", "steps", "ratio",
                               "paired ratio", f"{other_clock} ms", f"{other_clock} ratio", mem_label], rows)
+    eager = [r for r in results if r["compile"] == (args.compile or "no")]  # the pivot and targets
     pivot_modes = modes + [v for v in ("tokens",) if v in args.variants]
     pivot_rows = []
     for n in counts:
         row = [str(n)]
         for mode in pivot_modes:
-            r = next(x for x in results if x["n"] == n and x["mode"] == mode)
+            r = next(x for x in eager if x["n"] == n and x["mode"] == mode)
             row.append(f"{r['ratio']:.3f}")
         pivot_rows.append(row)
     pivot = C.markdown_table(["N"] + [f"{m} ×" for m in pivot_modes], pivot_rows)
 
     verdicts = []
     for n, limit in TARGETS[args.device].items():
-        r = next((x for x in results if x["n"] == n and x["mode"] == "additive"), None)
+        r = next((x for x in eager if x["n"] == n and x["mode"] == "additive"), None)
         if r is not None:
             ok = r["ratio"] <= limit
             verdicts.append({"n": n, "limit": limit, "ratio": r["ratio"], "paired_ratio": r["paired_ratio"], "clock": clock,
@@ -223,12 +240,34 @@ def main(argv=None):
              f"(latent {lat}×{lat}), CFG batch 2, 50 tokens per identity · torch.compile: {env['compile']} · attention "
              f"`{env['attention_backend']}` · {env['torch_threads']} threads · clock: {clock} · {spec['repeats']} rounds × "
              f"{spec['steps'] - 1} steps per config · run {total_s:.0f}s",
-             "", table, "", "Ratio to text-only (median / median):", "", pivot, ""]
+             "", table, "", f"Ratio to text-only (median / median{', eager' if args.compare_compile else ''}):", "",
+             pivot, ""]
     for v in verdicts:
         lines.append(f"- target additive N={v['n']}: ≤ {v['limit']:.2f}× → measured {v['ratio']:.3f}× "
                      f"(paired {v['paired_ratio']:.3f}×, {clock} time): **{'met' if v['met'] else 'NOT met'}**")
-    C.write_outputs(args.out, "results", "\n".join(lines),
-                    {"environment": env, "results": results, "targets": verdicts})
+    compare = []  # --compare-compile: per N and mode, eager vs compiled, each against its own text-only
+    if args.compare_compile:
+        pair = {(r["n"], r["mode"], r["compile"]): r for r in results}
+        compare = [{"n": n, "mode": m, **{f"{kind}_{k}": pair[(n, m, b)][k] for kind, b in
+                    (("eager", "no"), ("compiled", args.compare_compile)) for k in ("ratio", "added_ms")}}
+                   for n in counts for m in modes]
+        te, tk = pair[(0, "-", "no")], pair[(0, "-", args.compare_compile)]
+        lines += ["", f"Eager vs compiled ({args.compare_compile}) in the same rounds, each against its own text-only "
+                  f"({clock} time; added ms = median − text-only median; text-only {te['median_ms']:.2f} ms eager, "
+                  f"{tk['median_ms']:.2f} ms compiled):", "",
+                  C.markdown_table(["N", "mode", "eager ×", "compiled ×", "eager added ms", "compiled added ms",
+                                    "compiled − eager ms"],
+                                   [[x["n"], x["mode"], f"{x['eager_ratio']:.3f}", f"{x['compiled_ratio']:.3f}",
+                                     f"{x['eager_added_ms']:.2f}", f"{x['compiled_added_ms']:.2f}",
+                                     f"{x['compiled_added_ms'] - x['eager_added_ms']:+.2f}"] for x in compare]), ""]
+        for n in counts:
+            xs = [x for x in compare if x["n"] == n]
+            ok = all(x["compiled_added_ms"] <= x["eager_added_ms"] for x in xs)
+            lines.append(f"- N={n}: compiled added ms ≤ eager added ms → " + ", ".join(
+                f"{x['mode']} {x['compiled_added_ms']:.2f} vs {x['eager_added_ms']:.2f}" for x in xs)
+                + f": **{'yes' if ok else 'no'}**")
+    C.write_outputs(args.out, "results", "\n".join(lines), {"environment": env, "results": results,
+                    "targets": verdicts, **({"compile_compare": compare} if compare else {})})
     return 0 if args.report_only or all(v["met"] for v in verdicts) else 1
 
 

@@ -8,7 +8,8 @@ one process, never across stages):
 
 1. ``step``            bench_step.py: full-size SD1.5 UNet + ControlNet, fp16, 512²: text-only, InstantFamily
                        additive and paper, N = 1, 2, 4, 8, 16, peak VRAM per configuration (eager);
-2. ``step-compiled``   the same through ComfyUI's TorchCompileModel path (inductor), additive N = 1, 4, 16;
+2. ``step-compiled``   eager and compiled (ComfyUI's TorchCompileModel path, inductor) alternated in one process,
+                       additive N = 1, 4, 16: ratios and added ms each against its own text-only;
 3. ``faceid-sd15``     bench_faceid.py: full-size SD1.5, FaceID N = 1, 4, 16, one op and N chained patches (eager);
 4. ``faceid-sd15-compiled``  the same compiled (N = 4, 16);
 5. ``faceid-sdxl``     bench_faceid.py: ComfyUI's SDXL base UNet at 1024², FaceID N = 1, 4, 16 (eager);
@@ -54,8 +55,8 @@ STAGES = [
      _TINY_STEP + ["--n", "1,2", "--modes", "additive,paper"], 60),
     ("step-compiled", "bench_step.py",
      ["--device", "cuda", "--size", "full", "--dtype", "fp16", "--n", "1,4,16", "--modes", "additive",
-      "--repeats", "3", "--steps", "6", "--compile", "inductor", "--report-only"],
-     _TINY_STEP + ["--n", "2", "--modes", "additive", "--compile", "eager", "--no-controlnet"], 90),
+      "--repeats", "3", "--steps", "6", "--compare-compile", "inductor", "--report-only"],
+     _TINY_STEP + ["--n", "2", "--modes", "additive", "--compare-compile", "eager", "--no-controlnet"], 90),
     ("faceid-sd15", "bench_faceid.py",
      ["--device", "cuda", "--base", "sd15", "--size", "full", "--n", "1,4,16", "--repeats", "3"],
      _TINY_FACEID + ["--base", "sd15", "--n", "1,2"], 45),

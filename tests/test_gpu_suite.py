@@ -36,7 +36,7 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_section(tmp_path):
     assert md.startswith("## GPU suite: ") and "CPU smoke" in md and "torch " in md and "ComfyUI " in md
     for name, *_ in STAGES:
         assert f"### {name}\n" in md, name
-    assert "n-cond / one-pass" in md and "chained / one-op" in md and "compile eager" in md
+    assert "n-cond / one-pass" in md and "chained / one-op" in md and "compiled added ms" in md
     text = results.read_text()
     assert text.startswith("# earlier results\n") and text.rstrip().endswith(md.rstrip())
     print(f"\ngpu_suite --smoke: {seconds:.0f} s")
