@@ -42,13 +42,21 @@ class FaceIDRule(IdentityState):
         self.topology = topology or weights_file.topology
         self.weights = self.region_scale = torch.as_tensor(list(weights), dtype=torch.float32)
         self.key_valid = key_valid
+        self.kv_cache: dict = {}
 
     def _kv(self, p: int, like: torch.Tensor):
-        wk, wv = (w.to(like.device, like.dtype) for w in self.file.kv_weights(p))
-        n, t, d = self.tokens.shape
-        both = torch.cat([self.tokens, self.null_tokens]).to(like.device, like.dtype).reshape(2 * n * t, d)
-        k, v = (both @ wk.T).reshape(2, n, t, -1), (both @ wv.T).reshape(2, n, t, -1)
-        return k[0], v[0], k[1], v[1]
+        """Processor ``p``'s keys/values of every person's tokens and unconditional tokens, on ``like``'s device
+        and dtype. Kept for the rule's life, not per run: they depend only on the tokens and the adapter file's
+        ``to_k_ip``/``to_v_ip`` (no model weight patch reaches those), so the file's weights go to the device once
+        per device and dtype, not once per generation."""
+        key = (p, like.device, like.dtype)
+        if key not in self.kv_cache:
+            wk, wv = (w.to(like.device, like.dtype) for w in self.file.kv_weights(p))
+            n, t, d = self.tokens.shape
+            both = torch.cat([self.tokens, self.null_tokens]).to(like.device, like.dtype).reshape(2 * n * t, d)
+            k, v = (both @ wk.T).reshape(2, n, t, -1), (both @ wv.T).reshape(2, n, t, -1)
+            self.kv_cache[key] = (k[0], v[0], k[1], v[1])
+        return self.kv_cache[key]
 
     def prepare(self, call) -> None:
         """Once per model call, outside any compiled region: the shared gate and latent check, this run's

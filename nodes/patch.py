@@ -52,7 +52,8 @@ no more often than the stock one (same math; eager runs keep the selected kernel
 
 Identities never travel inside CONDITIONING, so ComfyUI's batching of conditionings of different lengths (LCM
 repetition) cannot misplace them. Keys/values of identity tokens are projected once per block and sampling run (a
-new ``sample_sigmas`` projects again, picking up weight patches such as LoRAs). Outside the start/end range a rule
+new ``sample_sigmas`` projects again, picking up weight patches such as LoRAs); the FaceID/InstantID rule projects
+with the adapter file's own weights, which no patch reaches, once per device and dtype for the rule's life. Outside the start/end range a rule
 steps aside: plain text attention, exactly as without the patch.
 """
 

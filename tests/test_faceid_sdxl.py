@@ -278,3 +278,32 @@ def test_another_packs_callbacks_act_beside_the_faceid_term_in_both_orders(host,
     faceid = _tiny_faceid(host, tiny)
     ids, masks = random_identities(1, 3), torch.ones(1, 32, 32)
     other_pack_acts_beside(host, tiny, lambda model: _apply(host, model, faceid, ids, masks), order)
+
+
+@BOTH_CLONE_RULES
+def test_adapter_weights_go_to_the_device_once_not_per_generation(host, tiny):
+    """The rule's keys/values depend only on its tokens and the file's to_k_ip/to_v_ip: a second generation with
+    the same patched model reads no adapter weight again and gives the same result."""
+    import comfy.sample
+    faceid = _tiny_faceid(host, tiny)
+    model = _apply(host, tiny, faceid, random_identities(2, 3), torch.ones(2, 32, 32))
+    reads = []
+    original = faceid.weights.kv_weights
+    faceid.weights.kv_weights = lambda p: reads.append(p) or original(p)
+    try:
+        cond = [[torch.randn(1, 77, 2048, generator=torch.Generator().manual_seed(1)),
+                 {"pooled_output": torch.zeros(1, 1280)}]]
+        neg = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+
+        def generate():
+            return comfy.sample.sample(model, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                       2, 5.0, "euler", "normal", cond, neg, torch.zeros(1, 4, 8, 8),
+                                       disable_pbar=True, seed=0)
+        first = generate()
+        slots = len(set(reads))
+        assert slots == len(host["patch"].attn2_modules(tiny.model.diffusion_model)) and len(reads) == slots
+        second = generate()
+        assert len(reads) == slots  # nothing read again
+        torch.testing.assert_close(first, second)
+    finally:
+        del faceid.weights.kv_weights
