@@ -183,15 +183,18 @@ def _halves(n, h=32, w=32):
 
 
 @BOTH_CLONE_RULES
-def test_disjoint_masks_keep_each_identity_inside_its_mask_and_swapping_swaps_regions(host, tiny):
-    faceid = _tiny_faceid(host, tiny)
-    ids = random_identities(2, 1)
+def identities_stay_in_their_masks(host, tiny, apply_ids, ids) -> None:
+    """``apply_ids(model, identities, masks) -> patched model`` with two people in the left/right halves, in
+    blocks across SDXL's levels (middle included): person 1 acts only in the left half (the right half is the
+    text attention when person 1 is alone), person 2 changes the right half, and swapping the people swaps what
+    each half gets."""
     live = host["patch"].attn2_modules(tiny.model.diffusion_model)
     g = torch.Generator().manual_seed(1)
     masks = _halves(2)
-    ab = _replace(_apply(host, tiny, faceid, ids, masks))
-    ba = _replace(_apply(host, tiny, faceid, ids[::-1], masks))
-    only_a = _replace(_apply(host, tiny, faceid, ids[:1], masks[:1]))
+    ab = _replace(apply_ids(tiny, ids, masks))
+    ba = _replace(apply_ids(tiny, ids[::-1], masks))
+    only_a = _replace(apply_ids(tiny, ids[:1], masks[:1]))
+    only_b = _replace(apply_ids(tiny, ids[1:], masks[:1]))
     for key in (("input", 4, 1), ("middle", 0, 2), ("output", 1, 0), ("output", 5, 1)):
         attn = live[key]
         c, heads, hw = attn.to_q.weight.shape[0], attn.heads, (8, 8)
@@ -209,10 +212,15 @@ def test_disjoint_masks_keep_each_identity_inside_its_mask_and_swapping_swaps_re
         torch.testing.assert_close(out_a[~left], text[~left], atol=1e-5, rtol=1e-5)
         assert (out_ab[~left] - text[~left]).abs().max() > 1e-3
         # swapping the identities swaps what each half gets
-        swapped_left = _call(_replace(_apply(host, tiny, faceid, ids[1:], masks[:1]))[key[:2]], q, k, v, key, hw,
-                             heads)[0].double()
+        swapped_left = _call(only_b[key[:2]], q, k, v, key, hw, heads)[0].double()
         torch.testing.assert_close(out_ba[left], swapped_left[left], atol=1e-5, rtol=1e-5)
         assert (out_ba[left] - out_ab[left]).abs().max() > 1e-3
+
+
+def test_disjoint_masks_keep_each_identity_inside_its_mask_and_swapping_swaps_regions(host, tiny):
+    faceid = _tiny_faceid(host, tiny)
+    identities_stay_in_their_masks(host, tiny, lambda m, ids, masks: _apply(host, m, faceid, ids, masks),
+                                   random_identities(2, 1))
 
 
 @pytest.mark.parametrize("width, height", [(1024, 1024), (1216, 832), (832, 1216)])

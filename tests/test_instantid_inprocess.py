@@ -2,8 +2,8 @@
 cross-attentions at SDXL's places, 2048-d context): the UNet term with one person and a full mask equals the
 reference ``IPAttnProcessor`` formula written out here in every transformer (middle block included); a real sampling
 step with the IdentityNet runs, the identities change the result and reversing them changes it again; the input
-model and ControlNet are left untouched; another pack's attn2 patch acts beside the term in both orders; wrong
-inputs are typed errors."""
+model and ControlNet are left untouched; each identity acts only inside its mask and swapping swaps regions;
+another pack's attn2 patch acts beside the term in both orders; wrong inputs are typed errors."""
 
 from __future__ import annotations
 
@@ -107,6 +107,12 @@ def test_sampling_with_the_identitynet_runs_and_the_identities_act(host, tiny, i
     assert type(control.control_model).__name__ == "ControlNet"  # the loaded IdentityNet is untouched
     assert all(torch.equal(v, control.control_model.state_dict()[k]) for k, v in before.items())
     assert not tiny.model_options.get("transformer_options", {}).get("patches_replace")
+
+
+def test_unet_term_keeps_each_identity_inside_its_mask_and_swapping_swaps_regions(host, tiny, instantid):
+    from test_faceid_sdxl import identities_stay_in_their_masks
+    identities_stay_in_their_masks(host, tiny, lambda m, ids, masks: _apply(host, m, instantid, ids, masks)[0],
+                                   _ids(2, 6))
 
 
 @pytest.mark.parametrize("order", ["ours_first", "other_first"])
