@@ -22,8 +22,9 @@ its minimum is recorded as skipped, one that runs out of time is stopped (its pr
 as such, and the summary is rewritten after every stage, so an interrupted suite leaves what it measured. Output:
 ``<out>/gpu_suite.md`` + ``.json`` and each stage's own files under ``<out>/<stage>/``; on CUDA (or with
 ``--results``) a dated section naming the card, driver, CUDA, torch and ComfyUI versions is appended to
-``benchmarks/RESULTS.md``. ``--smoke`` runs every stage on the CPU at tiny sizes (``--compile eager`` for the
-compiled stages) so the command cannot rot: it is a test (``tests/test_gpu_suite.py``).
+``benchmarks/RESULTS.md``. ``--smoke`` runs every stage on the CPU at tiny sizes (dynamo's ``eager`` backend for the
+compiled stages), two at a time (``--jobs``; on CUDA one at a time), so the command cannot rot: it is a test
+(``tests/test_gpu_suite.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole suite (s)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every stage still runs")
     p.add_argument("--stages", default="", help="comma-separated subset of stage names (default: all)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run at once (default 1 on CUDA: one device, one benchmark; 2 with --smoke)")
     p.add_argument("--results", default=None,
                    help="append the dated section to this Markdown file (default: benchmarks/RESULTS.md on CUDA, "
                         "none with --smoke)")
@@ -99,22 +102,43 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--stages: unknown {unknown}; stages are {names}")
     args.wanted = wanted or names
+    args.jobs = args.jobs or (2 if args.smoke else 1)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     return args
 
 
+class _Job:
+    """``cmd`` running in its own process group, output to ``log``, stopped (group and all) at ``deadline``
+    (a ``time.perf_counter()`` value)."""
+
+    def __init__(self, cmd: list, log: Path, deadline: float):
+        self.t0, self.deadline = time.perf_counter(), deadline
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1"))
+
+    def poll(self) -> tuple[bool, int | None, float]:
+        """``(finished, returncode or None when stopped at the deadline, seconds)``."""
+        rc = self.proc.poll()
+        if rc is None and time.perf_counter() < self.deadline:
+            return False, None, time.perf_counter() - self.t0
+        if rc is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        return True, rc, time.perf_counter() - self.t0
+
+
 def _run(cmd: list, log: Path, timeout: float) -> tuple[int | None, float]:
-    """Run ``cmd`` in its own process group, output to ``log``; ``(returncode or None on timeout, seconds)``."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1"))
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    return rc, time.perf_counter() - t0
+    """Run ``cmd`` to its end or ``timeout`` seconds: ``(returncode or None on timeout, seconds)``."""
+    job = _Job(cmd, log, time.perf_counter() + max(1.0, timeout))
+    while True:
+        finished, rc, seconds = job.poll()
+        if finished:
+            return rc, seconds
+        time.sleep(0.1)
 
 
 def machine(smoke: bool) -> dict:
@@ -192,21 +216,14 @@ def main(argv=None) -> int:
             {k: v for k, v in s.items() if k != "markdown"} for s in done]}, indent=2) + "\n")
         return md
 
-    for name, script, full, smoke, minimum in STAGES:
-        if name not in args.wanted:
-            continue
-        left = args.budget_s - (time.perf_counter() - t0) - RESERVE_S
-        stage = {"name": name, "command": ["python", f"benchmarks/{script}", *(smoke if args.smoke else full)]}
-        if left < (5 if args.smoke else minimum):
-            stage.update(status=f"skipped: {left:.0f} s left of the budget, needs {minimum} s", seconds=0.0)
-            done.append(stage)
-            write()
-            continue
-        folder = out / name
-        folder.mkdir(exist_ok=True)
-        cmd = [sys.executable, str(HERE / script), *(smoke if args.smoke else full), "--out", str(folder)]
-        print(f"[gpu_suite] {name}: {' '.join(stage['command'])} ({left:.0f} s left)", flush=True)
-        rc, seconds = _run(cmd, folder / "log.txt", left)
+    deadline = t0 + args.budget_s - RESERVE_S
+    queue = [s for s in STAGES if s[0] in args.wanted]
+    stages = {name: {"name": name, "command": ["python", f"benchmarks/{script}", *(smoke if args.smoke else full)]}
+              for name, script, full, smoke, _ in queue}
+    running: dict = {}
+
+    def finish(name: str, rc, seconds: float) -> None:
+        stage, folder = stages[name], out / name
         stage["seconds"] = seconds
         if rc is None:
             stage["status"] = f"stopped at the budget after {seconds:.0f} s"
@@ -215,11 +232,34 @@ def main(argv=None) -> int:
             stage["status"] = f"failed (exit {rc}): {' / '.join(tail)[:300]}"
         else:
             stage["status"] = "ok"
-            md_files = sorted(folder.glob("*.md"))
-            stage["markdown"] = "\n\n".join(p.read_text() for p in md_files)
+            stage["markdown"] = "\n\n".join(p.read_text() for p in sorted(folder.glob("*.md")))
         print(f"[gpu_suite] {name}: {stage['status']}", flush=True)
-        done.append(stage)
+        publish()
+
+    def publish() -> None:
+        done[:] = [st for st in stages.values() if "status" in st]  # in stage order, whatever order they ended in
         write()
+
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            name, script, full, smoke, minimum = queue.pop(0)
+            left = deadline - time.perf_counter()
+            if left < (5 if args.smoke else minimum):
+                stages[name].update(status=f"skipped: {left:.0f} s left of the budget, needs {minimum} s",
+                                    seconds=0.0)
+                publish()
+                continue
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            cmd = [sys.executable, str(HERE / script), *(smoke if args.smoke else full), "--out", str(folder)]
+            print(f"[gpu_suite] {name}: {' '.join(stages[name]['command'])} ({left:.0f} s left)", flush=True)
+            running[name] = _Job(cmd, folder / "log.txt", deadline)
+        for name, job in list(running.items()):
+            finished, rc, seconds = job.poll()
+            if finished:
+                del running[name]
+                finish(name, rc, seconds)
+        time.sleep(0.1)
 
     md = write()
     results = args.results or (None if args.smoke else str(RESULTS))
