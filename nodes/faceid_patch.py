@@ -59,15 +59,14 @@ class FaceIDRule(IdentityState):
         return self.kv_cache[key]
 
     def prepare(self, call) -> None:
-        """Once per model call, outside any compiled region: the shared gate and latent check, this run's
-        keys/values of every block's FaceID processor, and the masks at every feature size."""
+        """Once per model call, outside any compiled region: the shared gate and latent check, the keys/values of
+        every block's FaceID processor (built on the first call, then kept) and the masks at every feature size."""
         super().prepare(call)
         like = torch.empty(0, device=call.device, dtype=call.dtype)
         for key in {key for hook in call.hooks if self in hook.rules() for key in hook.modules}:
             slot = self.topology.slot(key)
             if slot is not None:
-                self.cache.get(call.run, ("faceid-kv", slot.attn2, call.device, call.dtype),
-                               lambda: self._kv(slot.attn2, like))
+                self._kv(slot.attn2, like)
         for hw in call.feature_sizes:
             self.mask_region(call.run, None, hw)
 
@@ -77,9 +76,8 @@ class FaceIDRule(IdentityState):
         if slot is None:
             raise BaseModelError(f"FaceID: block {tuple(block)}/{extra_options.get('block_index', 0)} is not one "
                                  f"of {self.topology.describe()}")
-        run, rows = extra_options.get("sample_sigmas"), q.shape[0]
-        kc, vc, ku, vu = self.cache.get(run, ("faceid-kv", slot.attn2, q.device, q.dtype),
-                                        lambda: self._kv(slot.attn2, q))
+        rows = q.shape[0]
+        kc, vc, ku, vu = self._kv(slot.attn2, q)
         tag = (slot.attn2, q.device, q.dtype)
         k_ids = self.per_row(("faceid-k",) + tag, extra_options, rows, kc, ku)
         v_ids = self.per_row(("faceid-v",) + tag, extra_options, rows, vc, vu)
