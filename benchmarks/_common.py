@@ -251,13 +251,26 @@ def step_clock(device: str, threads: int):
     return clock, "cpu" if clock is time.process_time else "wall"
 
 
-def timed_rounds(configs: list, repeats: int, run) -> float:
-    """A warm-up run of every configuration, then :func:`alternate_rounds`; returns the seconds of it all."""
+def time_configs(configs: list, args, spec: dict, sample, clock, what: str, threads: int) -> float:
+    """Time sampling steps of every configuration: each configuration's model compiled first when ``--compile``
+    asks (:func:`compile_models`), a banner printed, a warm-up run of each, then :func:`alternate_rounds`. One run
+    is ``sample(c, steps, callback)``; a step is the time between two consecutive callbacks on ``clock`` (the first
+    step dropped), peak VRAM per configuration on CUDA (:class:`CudaPeak`). Returns the seconds of it all."""
+    if args.compile:
+        compile_models(configs, args.compile)
+    print(f"# {what}, {args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} "
+          f"rounds × {spec['steps'] - 1} timed steps", flush=True)
+
+    def run(c):
+        stamps = []
+        with CudaPeak(args.device, c):
+            sample(c, spec["steps"], lambda *a: stamps.append(clock()))
+        return [b - a for a, b in zip(stamps, stamps[1:])]
     t0 = time.perf_counter()
     for c in configs:
         run(c)
         c["steps"], c["rounds"] = [], []
-    alternate_rounds(configs, repeats, run, t0)
+    alternate_rounds(configs, spec["repeats"], run, t0)
     return time.perf_counter() - t0
 
 
@@ -269,6 +282,19 @@ def step_result(c: dict, base: dict) -> dict:
                 base["steps"]),
             "paired_ratio": statistics.median(a / b for a, b in zip(c["rounds"], base["rounds"])),
             "peak_mib": c.get("peak_mib")}
+
+
+def kv_weights(topology, seed: int = 7) -> dict:
+    """Random ``{p.to_k_ip.weight, p.to_v_ip.weight}`` ``(hidden, context)`` for every attn2 processor p of
+    ``topology`` (the one read from the live model)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in topology.attn2_indices:
+        context, hidden = topology.processor_width(p)
+        out[f"{p}.to_k_ip.weight"] = torch.randn(hidden, context, generator=g) * 0.05
+        out[f"{p}.to_v_ip.weight"] = torch.randn(hidden, context, generator=g) * 0.05
+    return out
 
 
 def compile_models(configs: list, backend: str) -> None:

@@ -83,19 +83,6 @@ def model_config(base: str, spec: dict) -> dict:
     return C.unet_config(spec["channels"], spec["heads"])
 
 
-def kv_weights(topology, seed: int = 7) -> dict:
-    """Random ``{p.to_k_ip.weight, p.to_v_ip.weight}`` ``(hidden, context)`` for every attn2 processor p of
-    ``topology`` (the one read from the live model)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for p in topology.attn2_indices:
-        context, hidden = topology.processor_width(p)
-        out[f"{p}.to_k_ip.weight"] = torch.randn(hidden, context, generator=g) * 0.05
-        out[f"{p}.to_v_ip.weight"] = torch.randn(hidden, context, generator=g) * 0.05
-    return out
-
-
 def block_name(key) -> str:
     return f"{key[0]} {key[1]}"
 
@@ -116,7 +103,7 @@ def main(argv=None):
     topology = patch.live_topology(model)  # read from the live modules, not from cfg
     sites = patch.attn2_modules(model.model.diffusion_model)  # the model's own cross-attentions
     context = topology.context_dim
-    weights = FaceIDWeights("faceid", args.tokens, {}, kv_weights(topology), "bench", topology)
+    weights = FaceIDWeights("faceid", args.tokens, {}, C.kv_weights(topology), "bench", topology)
     lat, px = spec["latent"], spec["latent"] * 8
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(0.0)), float(sampling.percent_to_sigma(1.0)))
@@ -179,12 +166,6 @@ def main(argv=None):
         return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, neg, latent, callback=callback,
                                    disable_pbar=True, seed=0)
 
-    def run(c):
-        stamps = []
-        with C.CudaPeak(args.device, c):
-            sample(c["model"], spec["steps"], lambda *a: stamps.append(clock()))
-        return [b - a for a, b in zip(stamps, stamps[1:])]
-
     all_sites = set(sites)
     model_info = {
         "base": args.base, "model_class": type(model.model).__name__, "topology": topology.describe(),
@@ -221,12 +202,9 @@ def main(argv=None):
             c["coverage"]["diff_vs_one_op"] = float((out - one_op_out[c["n"]]).abs().max())
         del m, rules, out
 
-    if args.compile:
-        C.compile_models(configs, args.compile)
-    print(f"# bench_faceid: {args.base} {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
-          f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
-          f"{spec['steps'] - 1} timed steps", flush=True)
-    total = C.timed_rounds(configs, spec["repeats"], run)
+    total = C.time_configs(configs, args, spec, lambda c, steps, cb: sample(c["model"], steps, cb), clock,
+                           f"bench_faceid: {args.base} {size} ({spec['channels']} ch, {topology.describe()}, "
+                           f"{px}×{px} px)", threads)
     results = []
     for c in configs:
         r = C.step_result(c, configs[0])

@@ -35,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from bench_faceid import kv_weights  # noqa: E402
 
 SIZES = {  # "head_dim" = channels per head (SDXL 64), "depth" = transformers per level-2 / middle block (SDXL 10)
     "full": {"channels": 320, "head_dim": 64, "depth": 10, "latent": 128, "steps": 4, "repeats": 3},
@@ -80,7 +79,7 @@ def random_adapter(topology, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     image_proj = {k: torch.ones(s) if "norm" in k and k.endswith("weight") else torch.randn(s, generator=g) * 0.02
                   for k, s in expected_image_proj(topology.context_dim).items()}
-    return validate(image_proj, kv_weights(topology, seed), "bench ip-adapter.bin", topology=topology)
+    return validate(image_proj, C.kv_weights(topology, seed), "bench ip-adapter.bin", topology=topology)
 
 
 class Counter:
@@ -159,12 +158,6 @@ def main(argv=None):
         return comfy.sample.sample(c["model"], noise, steps, 5.0, "euler", "normal", c["pos"], c["neg"], latent,
                                    callback=callback, disable_pbar=True, seed=0)
 
-    def run(c):
-        stamps = []
-        with C.CudaPeak(args.device, c):
-            sample(c, spec["steps"], lambda *a: stamps.append(clock()))
-        return [b - a for a, b in zip(stamps, stamps[1:])]
-
     # evaluations: one untimed step per configuration, counting UNet and ControlNet forwards (rows: the batch of
     # x / of the timestep embedding; the masked view shares the ControlNet's modules, so its time_embed counts the
     # IdentityNet runs of every configuration)
@@ -181,12 +174,9 @@ def main(argv=None):
     unet_count.handle.remove()
     cn_count.handle.remove()
 
-    if args.compile:
-        C.compile_models(configs, args.compile)
-    print(f"# bench_instantid: sdxl {size} ({spec['channels']} ch, {topology.describe()}, {px}×{px} px), "
-          f"{args.device}, {threads or 'default'} threads, {len(configs)} configs × {spec['repeats']} rounds × "
-          f"{spec['steps'] - 1} timed steps", flush=True)
-    total = C.timed_rounds(configs, spec["repeats"], run)
+    total = C.time_configs(configs, args, spec, sample, clock,
+                           f"bench_instantid: sdxl {size} ({spec['channels']} ch, {topology.describe()}, "
+                           f"{px}×{px} px)", threads)
     results = [dict(C.step_result(c, configs[0]), evaluations=c["evaluations"]) for c in configs]
     rows = [[r["config"], f"{r['median_ms']:.1f}", f"{r['p25_ms']:.1f}–{r['p75_ms']:.1f}", f"{r['ratio']:.2f}",
              f"{r['paired_ratio']:.2f}", f"{r['evaluations']['unet_calls']} ({r['evaluations']['unet_rows']} rows)",
