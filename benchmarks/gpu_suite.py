@@ -42,6 +42,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(REPO) not in sys.path:  # ``python benchmarks/gpu_suite.py`` as well as ``python -m benchmarks.gpu_suite``
+    sys.path.insert(0, str(REPO))
+from instantfamily_core.fileio import write_text_atomic  # noqa: E402
+from tools.devkit.comfy_host import find_comfyui  # noqa: E402
 RESULTS = HERE / "RESULTS.md"
 RESERVE_S = 10.0
 
@@ -131,16 +135,6 @@ class _Job:
         return True, rc, time.perf_counter() - self.t0
 
 
-def _run(cmd: list, log: Path, timeout: float) -> tuple[int | None, float]:
-    """Run ``cmd`` to its end or ``timeout`` seconds: ``(returncode or None on timeout, seconds)``."""
-    job = _Job(cmd, log, time.perf_counter() + max(1.0, timeout))
-    while True:
-        finished, rc, seconds = job.poll()
-        if finished:
-            return rc, seconds
-        time.sleep(0.1)
-
-
 def machine(smoke: bool) -> dict:
     """Card, driver, CUDA, torch, ComfyUI and CPU, read without importing ComfyUI in this process."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -161,8 +155,6 @@ def machine(smoke: bool) -> dict:
             info.update(gpu=name, driver=driver, gpu_memory=memory)
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
-    sys.path.insert(0, str(REPO))
-    from tools.devkit.comfy_host import find_comfyui
     root = find_comfyui()
     if root is not None and (Path(root) / "comfyui_version.py").is_file():
         text = (Path(root) / "comfyui_version.py").read_text()
@@ -205,8 +197,6 @@ def main(argv=None) -> int:
     if not args.smoke and "gpu" not in info:
         print("gpu_suite: no CUDA device; use --smoke on a CPU", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
-    from instantfamily_core.fileio import write_text_atomic
     done: list = []
 
     def write() -> str:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,12 +53,19 @@ def test_a_budget_too_small_skips_stages_and_still_writes(tmp_path):
 
 
 def test_a_stage_over_its_time_is_stopped_with_its_children(tmp_path):
-    from benchmarks.gpu_suite import _run
-    child = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-             " time.sleep(60)")
+    from benchmarks.gpu_suite import _Job
+    child = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)")
     t0 = time.perf_counter()
-    rc, seconds = _run([sys.executable, "-c", child], tmp_path / "log.txt", 2.0)
+    job = _Job([sys.executable, "-c", child], tmp_path / "log.txt", time.perf_counter() + 2.0)
+    while not (state := job.poll())[0]:
+        time.sleep(0.1)
+    _, rc, seconds = state
     assert rc is None and seconds < 20 and time.perf_counter() - t0 < 20
+    grandchild = int((tmp_path / "log.txt").read_text().split()[0])
+    time.sleep(0.5)
+    status = Path(f"/proc/{grandchild}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()  # killed with the group (gone or a zombie)
 
 
 def test_unknown_stage_is_refused():
