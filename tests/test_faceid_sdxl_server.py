@@ -14,8 +14,6 @@ This is the suite's one full-size SDXL test: the server's peak resident memory i
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 
 import pytest
 
@@ -48,31 +46,19 @@ def server(request, tmp_path_factory):
     two workflows' models held in ComfyUI's cache."""
     from support import faceid_files as ff
     from support import sdxl_files as sx
-    from test_faceid_server import faceid_server
-    from tools.devkit.comfy_host import import_host
-    from tools.devkit.face_models import make_tiny_pack
-    import_host()
-    from support import comfy_files
-
-    files = {k: sx.cached_sdxl(k) for k in ("checkpoint", "openpose_thibaud", "openpose_xinsir")}
-    base = tmp_path_factory.mktemp("comfy_faceid_sdxl")
-    srv = faceid_server(base, ("--bf16-unet",))
-    srv.workflow = request.param
-    models = base / "models"
-    os.symlink(files["checkpoint"], models / "checkpoints" / "sd_xl_base_1.0.safetensors")
-    os.symlink(files["openpose_thibaud"], models / "controlnet" / "OpenPoseXL2.safetensors")
-    os.symlink(files["openpose_xinsir"], models / "controlnet" / "xinsir-openpose-sdxl-1.0.safetensors")
-    ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sdxl.bin", ff.faceid_parts("sdxl"))
-    make_tiny_pack(models / "insightface", "buffalo_l")
-    comfy_files.write_face_photos(base / "in", COLORS)
-    try:
-        with srv:
-            yield srv
-            peak[request.param] = vm_hwm_gib(srv.proc)
-            print(f"\nFaceID SDXL server ({request.param}): peak resident memory {peak[request.param]:.2f} GiB")
-            assert peak[request.param] < PEAK_LIMIT_GIB
-    finally:
-        shutil.rmtree(base, ignore_errors=True)  # a GB-sized adapter file per server: gone before the next one
+    from test_faceid_server import serving_models
+    cached = {k: sx.cached_sdxl(k) for k in ("checkpoint", "openpose_thibaud", "openpose_xinsir")}
+    files = {"checkpoints/sd_xl_base_1.0.safetensors": cached["checkpoint"],
+             "controlnet/OpenPoseXL2.safetensors": cached["openpose_thibaud"],
+             "controlnet/xinsir-openpose-sdxl-1.0.safetensors": cached["openpose_xinsir"],
+             "ipadapter/ip-adapter-faceid_sdxl.bin": lambda path: ff.write_bin(path, ff.faceid_parts("sdxl"))}
+    # a GB-sized adapter file per server: gone before the next one
+    with serving_models(tmp_path_factory.mktemp("comfy_faceid_sdxl"), files, "buffalo_l", ("--bf16-unet",)) as srv:
+        srv.workflow = request.param
+        yield srv
+        peak[request.param] = vm_hwm_gib(srv.proc)
+        print(f"\nFaceID SDXL server ({request.param}): peak resident memory {peak[request.param]:.2f} GiB")
+        assert peak[request.param] < PEAK_LIMIT_GIB
 
 
 def sdxl_prompt(name: str, prefix: str) -> dict:

@@ -11,6 +11,7 @@ checked against /object_info here."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -46,27 +47,38 @@ def faceid_server(base, extra_args: tuple = (), folders: tuple = ("ipadapter", "
     return Server(base, extra_args=extra_args)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from support import faceid_files as ff
+@contextlib.contextmanager
+def serving_models(base, files: dict, pack: str, extra_args: tuple = (), folders: tuple = ("ipadapter", "controlnet")):
+    """A running :func:`faceid_server` over ``base`` with ``files`` under ``models/`` (``{relative path: cached
+    file to link | writer called with the path}``), a tiny insightface pack named ``pack`` and the person / group
+    photos in ``input/``; ``base`` (GB-sized adapter files) is deleted when the server is done."""
     from tools.devkit.comfy_host import import_host
     from tools.devkit.face_models import make_tiny_pack
     import_host()
     from support import comfy_files
-
-    base = tmp_path_factory.mktemp("comfy_faceid")
-    srv = faceid_server(base)
-    models = base / "models"
-    os.symlink(ff.cached_full_size("checkpoint"), models / "checkpoints" / "v1-5-pruned-emaonly.safetensors")
-    os.symlink(ff.cached_full_size("controlnet"), models / "controlnet" / "control_v11p_sd15_openpose.pth")
-    ff.write_bin(models / "ipadapter" / "ip-adapter-faceid_sd15.bin", ff.faceid_parts("faceid"))
-    make_tiny_pack(models / "insightface", "buffalo_l")
-    comfy_files.write_face_photos(base / "in", COLORS)
+    srv = faceid_server(base, extra_args, folders)
     try:
+        for rel, source in files.items():
+            if callable(source):
+                source(base / "models" / rel)
+            else:
+                os.symlink(source, base / "models" / rel)
+        make_tiny_pack(base / "models" / "insightface", pack)
+        comfy_files.write_face_photos(base / "in", COLORS)
         with srv:
             yield srv
     finally:
-        shutil.rmtree(base, ignore_errors=True)  # the adapter file is ~0.7 GB
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from support import faceid_files as ff
+    files = {"checkpoints/v1-5-pruned-emaonly.safetensors": ff.cached_full_size("checkpoint"),
+             "controlnet/control_v11p_sd15_openpose.pth": ff.cached_full_size("controlnet"),
+             "ipadapter/ip-adapter-faceid_sd15.bin": lambda path: ff.write_bin(path, ff.faceid_parts("faceid"))}
+    with serving_models(tmp_path_factory.mktemp("comfy_faceid"), files, "buffalo_l") as srv:
+        yield srv
 
 
 def shrink(prompt: dict, height: int = 64) -> dict:

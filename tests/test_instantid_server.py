@@ -14,8 +14,6 @@ its peak resident memory is read from ``/proc`` and printed (docs/testing.md sta
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tools.devkit.comfy_host import HOW_TO_PROVIDE, find_comfyui
@@ -32,35 +30,19 @@ PEAK_LIMIT_GIB = 20.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import os
-
     from support import instantid_files as idf
     from support import sdxl_files as sx
     from test_faceid_sdxl_server import vm_hwm_gib
-    from test_faceid_server import faceid_server
-    from tools.devkit.comfy_host import import_host
-    from tools.devkit.face_models import make_tiny_pack
-    import_host()
-    from support import comfy_files
-
-    files = {k: sx.cached_sdxl(k) for k in ("checkpoint", "identitynet")}
-    base = tmp_path_factory.mktemp("comfy_instantid")
-    srv = faceid_server(base, ("--bf16-unet",), folders=("instantid", "controlnet"))
-    models = base / "models"
-    try:
-        os.symlink(files["checkpoint"], models / "checkpoints" / "sd_xl_base_1.0.safetensors")
-        os.symlink(files["identitynet"], models / "controlnet" / IDENTITYNET)
-        idf.write_bin(models / "instantid" / "ip-adapter.bin", idf.instantid_parts())
-        make_tiny_pack(models / "insightface", "antelopev2")
-        comfy_files.write_face_photos(base / "in", COLORS)
-        with srv:
-            yield srv
-            peak = vm_hwm_gib(srv.proc)
-            print(f"\nInstantID server (all {len(INSTANTID_WORKFLOWS)} workflows): peak resident memory "
-                  f"{peak:.2f} GiB")
-            assert peak < PEAK_LIMIT_GIB
-    finally:
-        shutil.rmtree(base, ignore_errors=True)  # a 1.7 GB adapter file
+    from test_faceid_server import serving_models
+    files = {"checkpoints/sd_xl_base_1.0.safetensors": sx.cached_sdxl("checkpoint"),
+             f"controlnet/{IDENTITYNET}": sx.cached_sdxl("identitynet"),
+             "instantid/ip-adapter.bin": lambda path: idf.write_bin(path, idf.instantid_parts())}  # 1.7 GB
+    with serving_models(tmp_path_factory.mktemp("comfy_instantid"), files, "antelopev2", ("--bf16-unet",),
+                        folders=("instantid", "controlnet")) as srv:
+        yield srv
+        peak = vm_hwm_gib(srv.proc)
+        print(f"\nInstantID server (all {len(INSTANTID_WORKFLOWS)} workflows): peak resident memory {peak:.2f} GiB")
+        assert peak < PEAK_LIMIT_GIB
 
 
 def test_instantid_workflows_are_listed_templates_for_the_published_files(server):
